@@ -1,0 +1,20 @@
+//! iothubd-actors: the hub's domain and its actors.
+//!
+//! - [`model`]: hubs (ARM shape, policies, rights) and identities (devices, modules).
+//! - [`store`]: the `Store` trait, the only door to persistent state; implemented in `iothubd`.
+//! - [`messages`]: every message the front-ends send to actors, with what the reply means.
+//! - [`import`]: bulk import modes (service-api §3).
+//! - [`hub`]: `HubActor`, one per hub: identity-registry writes and hub settings.
+//! - [`directory`]: where live hub actors are found, by hub name or host name.
+//! - [`deployment`]: every hub of the process: start from the store, create, update, delete.
+//!
+//! Front-ends (HTTP, MQTT, AMQP in the `iothubd` crate) parse wire formats and send messages;
+//! actors never see a wire format, and only actors write through the store.
+
+pub mod deployment;
+pub mod directory;
+pub mod hub;
+pub mod import;
+pub mod messages;
+pub mod model;
+pub mod store;

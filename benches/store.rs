@@ -1,0 +1,153 @@
+//! Store throughput: identity create and get, one caller at a time and 64 at once.
+//!
+//! One at a time, each embedded create waits for a commit of its own (one fsync). With 64
+//! callers the writer thread commits whatever has queued in one transaction (group commit), so
+//! the cost per create should fall far below the sequential figure — that gap is what this
+//! measures. PostgreSQL is measured too when `IOTHUBD_TEST_POSTGRES_URL` is set, in a schema of
+//! its own that is dropped afterwards.
+//!
+//! `cargo bench --bench store -- --warm-up-time 1 --measurement-time 3`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use futures::future::join_all;
+use iothubd::config::{Config, DEFAULT_TOML, StoreBackend};
+use iothubd_actors::model::hub::{HubDescription, HubProperties, Sku};
+use iothubd_actors::model::identity::{Identity, IdentityKey, IdentitySpec, new_etag};
+use iothubd_actors::store::Store;
+use tokio::runtime::Runtime;
+use tokio_postgres::NoTls;
+
+const HUB: &str = "bench";
+/// Devices created before the get benchmarks, which read them round-robin.
+const PRELOADED: u64 = 1_000;
+const CONCURRENCY: u64 = 64;
+
+/// Unique device IDs across every benchmark and iteration.
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+
+fn new_device() -> Identity {
+    let id = format!("dev-{}", NEXT_DEVICE.fetch_add(1, Ordering::Relaxed));
+    Identity::create(IdentityKey::device(id), IdentitySpec::default()).expect("a valid device")
+}
+
+fn bench_hub() -> HubDescription {
+    let mut hub = HubDescription {
+        name: HUB.into(),
+        etag: new_etag(),
+        sku: Sku::default(),
+        properties: HubProperties { host_name: "bench.example.net".into(), ..Default::default() },
+    };
+    hub.normalize().expect("a valid hub");
+    hub
+}
+
+fn measure(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
+    let preload: Vec<Identity> = (0..PRELOADED).map(|_| new_device()).collect();
+    rt.block_on(async {
+        store.create_hub(&bench_hub()).await.expect("create the hub");
+        for result in join_all(preload.iter().map(|d| store.create_identity(HUB, d))).await {
+            result.expect("preload a device");
+        }
+    });
+    let preloaded: Vec<IdentityKey> = preload.into_iter().map(|d| d.key).collect();
+    let next_get = AtomicU64::new(0);
+    let pick = || preloaded[(next_get.fetch_add(1, Ordering::Relaxed) % PRELOADED) as usize].clone();
+
+    let mut group = c.benchmark_group(format!("store/{}", store.backend()));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("create", |b| {
+        b.to_async(rt).iter_batched(
+            new_device,
+            |device| async move { store.create_identity(HUB, &device).await.expect("create") },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("get", |b| {
+        b.to_async(rt).iter_batched(
+            pick,
+            |key| async move { store.get_identity(HUB, &key).await.expect("get").expect("present") },
+            BatchSize::SmallInput,
+        )
+    });
+
+    group.throughput(Throughput::Elements(CONCURRENCY));
+    group.bench_function(format!("create_{CONCURRENCY}_concurrent"), |b| {
+        b.to_async(rt).iter_batched(
+            || (0..CONCURRENCY).map(|_| new_device()).collect::<Vec<_>>(),
+            |devices| async move {
+                let tasks = devices.into_iter().map(|device| {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.create_identity(HUB, &device).await })
+                });
+                for result in join_all(tasks).await {
+                    result.expect("task").expect("create");
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(format!("get_{CONCURRENCY}_concurrent"), |b| {
+        b.to_async(rt).iter_batched(
+            || (0..CONCURRENCY).map(|_| pick()).collect::<Vec<_>>(),
+            |keys| async move {
+                let tasks = keys.into_iter().map(|key| {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.get_identity(HUB, &key).await })
+                });
+                for result in join_all(tasks).await {
+                    result.expect("task").expect("get").expect("present");
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+    rt.block_on(store.close()).expect("close");
+}
+
+fn default_config() -> Config {
+    Figment::from(Toml::string(DEFAULT_TOML)).extract().expect("the default configuration")
+}
+
+fn embedded(c: &mut Criterion) {
+    let rt = Runtime::new().expect("a tokio runtime");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut config = default_config();
+    config.data_dir = dir.path().to_owned();
+    config.store.backend = StoreBackend::Embedded;
+    let store = rt.block_on(iothubd::store::open(&config)).expect("open the embedded store");
+    measure(c, &rt, &store);
+}
+
+fn postgres(c: &mut Criterion) {
+    let Ok(url) = std::env::var("IOTHUBD_TEST_POSTGRES_URL") else {
+        println!("IOTHUBD_TEST_POSTGRES_URL is not set: PostgreSQL not measured");
+        return;
+    };
+    let rt = Runtime::new().expect("a tokio runtime");
+    let schema = format!("iothubd_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = |sql: String| {
+        let url = url.clone();
+        async move {
+            let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect to PostgreSQL");
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.expect("administer the bench schema");
+        }
+    };
+    rt.block_on(admin(format!("CREATE SCHEMA {schema}")));
+    let mut config = default_config();
+    config.store.backend = StoreBackend::Postgres;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    config.store.postgres_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+    let store = rt.block_on(iothubd::store::open(&config)).expect("open the PostgreSQL store");
+    measure(c, &rt, &store);
+    rt.block_on(admin(format!("DROP SCHEMA {schema} CASCADE")));
+}
+
+criterion_group!(benches, embedded, postgres);
+criterion_main!(benches);

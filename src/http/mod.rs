@@ -1,0 +1,48 @@
+//! The HTTPS edge (actix-web): service REST, the operator API, health and metrics.
+//!
+//! - [`error`]: every error mapped once to IoT Hub's REST form (service-api §2).
+//! - [`service`]: what every service call does first: api-version, hub from `Host`, SAS rights.
+//! - [`registry`]: identity registry REST (service-api §3), bulk import included.
+//! - [`operator`]: hub management (create/list/update/delete, identity export/import).
+//! - [`observe`]: `/health`, `/metrics`, and the request metrics middleware.
+//!
+//! Handlers parse the wire and send messages to actors; they never write the store.
+
+pub mod error;
+pub mod observe;
+pub mod operator;
+pub mod registry;
+pub mod service;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use actix_web::web;
+use iothubd_actors::deployment::Deployment;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// What every handler may reach.
+pub struct AppState {
+    pub deployment: Deployment,
+    /// Bearer key of the operator API.
+    pub operator_key: String,
+    /// Set once every listener is bound; `/health` answers 503 before.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: PrometheusHandle,
+}
+
+/// The whole HTTPS surface, for `App::configure`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    observe::configure(cfg);
+    operator::configure(cfg);
+    registry::configure(cfg);
+}
+
+/// 404 for paths nothing serves (e.g. `/configurations`, out of scope), in IoT Hub's form.
+pub async fn not_found(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
+    let code = error::ErrorCode::InvalidOperation;
+    let text = format!("{} {} is not an operation of this hub", req.method(), req.path());
+    actix_web::HttpResponse::NotFound()
+        .insert_header(("iothub-errorcode", code.name()))
+        .json(error::error_body(code, &text))
+}

@@ -1,0 +1,25 @@
+//! iothubd: a self-hosted hub that the unmodified Azure IoT SDKs talk to.
+//!
+//! - [`config`]: settings from `config/default.toml`, `IOTHUBD_*` and CLI flags.
+//! - [`cli`]: `iothubd serve`, `iothubd hub …`.
+//! - [`client`]: an HTTPS client trusting the hub CA (CLI, tests).
+//! - [`server`]: boots the actix System (actors, actix-web) and the ntex System (MQTT, AMQP).
+//! - [`tls`]: rustls server configuration; the dev CA when no certificate is configured.
+//! - [`store`]: the embedded (SQLite) and PostgreSQL implementations of `Store`.
+//! - [`auth`]: SAS tokens (device-protocol §1.3) and rights checks.
+//! - [`hubs`]: the default hub and the operator key, from configuration.
+//! - [`http`]: the HTTPS edge: registry REST, operator API, health and metrics.
+//! - [`mqtt`]: the MQTT device endpoint's codec: topics, property bags, the CONNECT username.
+//!
+//! The domain and the actors are in the `iothubd-actors` crate; this crate is the edges.
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod hubs;
+pub mod mqtt;
+pub mod server;
+pub mod store;
+pub mod tls;

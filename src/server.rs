@@ -1,0 +1,241 @@
+//! Boots the hub: the actix System (one Arbiter per core, actors, actix-web) on one thread and
+//! the ntex System (the MQTT and AMQP servers) on another (DESIGN.md §1, §10).
+//!
+//! [`start`] returns once every listener is bound; [`Server::shutdown`] stops accepting,
+//! finishes in-flight requests, stops the actors and closes (flushes) the store.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use actix_web::middleware::{NormalizePath, from_fn};
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, anyhow};
+use iothubd_actors::deployment::Deployment;
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::http::{self, AppState, observe};
+use crate::{hubs, store, tls};
+
+/// What a started hub tells its operator.
+#[derive(Debug, Clone)]
+pub struct StartupInfo {
+    pub https: SocketAddr,
+    pub http_plain: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    /// The dev CA clients must trust, when iothubd issued the certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Set when `https` could not be bound and the fallback port was used.
+    pub https_fallback_reason: Option<String>,
+    /// The default hub's iothubowner connection string.
+    pub owner_connection_string: Option<String>,
+    pub operator_key: String,
+    pub store_backend: &'static str,
+}
+
+/// A running hub.
+pub struct Server {
+    pub info: StartupInfo,
+    stop: Option<oneshot::Sender<()>>,
+    actix: Option<JoinHandle<anyhow::Result<()>>>,
+    ntex: Option<(ntex::rt::System, JoinHandle<()>)>,
+}
+
+impl Server {
+    /// Graceful stop: stop accepting, finish in-flight requests, flush the store.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some((system, thread)) = self.ntex.take() {
+            system.stop();
+            let _ = thread.join();
+        }
+        match self.actix.take() {
+            Some(thread) => thread.join().map_err(|_| anyhow!("the actix thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop_all();
+    }
+}
+
+/// Starts the hub and returns once it is ready (every listener bound, default hub in place).
+pub fn start(cfg: Config) -> anyhow::Result<Server> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    let ntex = start_ntex()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let actix = std::thread::Builder::new().name("iothubd-actix".into()).spawn(move || {
+        let system = actix_rt::System::new();
+        let result = system.block_on(run(cfg, ready_tx.clone(), stop_rx));
+        if let Err(e) = &result {
+            // If start failed, the waiting caller gets the error; nobody else will.
+            let _ = ready_tx.send(Err(anyhow!("{e:#}")));
+        }
+        result
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(info)) => Ok(Server { info, stop: Some(stop_tx), actix: Some(actix), ntex: Some(ntex) }),
+        Ok(Err(e)) => {
+            ntex.0.stop();
+            let _ = ntex.1.join();
+            let _ = actix.join();
+            Err(e)
+        }
+        Err(_) => Err(anyhow!("the hub stopped while starting")),
+    }
+}
+
+/// The ntex System thread; the MQTT and AMQP servers run on it.
+fn start_ntex() -> anyhow::Result<(ntex::rt::System, JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new().name("iothubd-ntex".into()).spawn(move || {
+        let runner = ntex::rt::System::build().name("iothubd-ntex").disable_signals().build(ntex::rt::DefaultRuntime);
+        let _ = runner.run(move || {
+            let _ = tx.send(ntex::rt::System::current());
+            Ok(())
+        });
+    })?;
+    let system = rx.recv().map_err(|_| anyhow!("the ntex runtime failed to start"))?;
+    Ok((system, thread))
+}
+
+/// Binds `port`, or — when that is not permitted (a privileged port, unprivileged user) —
+/// `fallback`, returning why it fell back.
+fn bind_with_fallback(
+    addr: std::net::IpAddr,
+    port: u16,
+    fallback: u16,
+) -> anyhow::Result<(TcpListener, Option<String>)> {
+    match TcpListener::bind((addr, port)) {
+        Ok(l) => Ok((l, None)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && fallback != 0 => {
+            let why = format!(
+                "HTTPS port {port} needs privileges ({e}); serving HTTPS on {fallback} instead. SDKs dial 443: run \
+                 with --https-port, or `sudo setcap cap_net_bind_service=+ep $(which iothubd)`"
+            );
+            let l =
+                TcpListener::bind((addr, fallback)).with_context(|| format!("cannot bind HTTPS port {fallback}"))?;
+            Ok((l, Some(why)))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot bind HTTPS port {port}")),
+    }
+}
+
+fn bind_optional(addr: std::net::IpAddr, port: u16, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    if port == 0 {
+        return Ok(None);
+    }
+    TcpListener::bind((addr, port)).map(Some).with_context(|| format!("cannot bind {what} port {port}"))
+}
+
+async fn run(
+    cfg: Config,
+    ready: std::sync::mpsc::Sender<anyhow::Result<StartupInfo>>,
+    stop: oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    let store = store::open(&cfg).await.context("cannot open the store")?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let arbiters: Vec<actix::Arbiter> = (0..cores).map(|_| actix::Arbiter::new()).collect();
+    let deployment = Deployment::start(store.clone(), arbiters.iter().map(|a| a.handle()).collect())
+        .await
+        .context("cannot load hubs from the store")?;
+    let owner_connection_string = hubs::ensure_default_hub(&deployment, &cfg.hub).await?;
+    let operator_key = hubs::operator_key(&cfg)?;
+
+    let directory_view = deployment.clone();
+    let is_hub_host: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+        Arc::new(move |host| directory_view.directory().is_hub_host(host));
+    let tls = tls::setup(&cfg.tls, &cfg.data_dir, is_hub_host)?;
+
+    let ready_flag = Arc::new(AtomicBool::new(false));
+    let state = web::Data::new(AppState {
+        deployment: deployment.clone(),
+        operator_key: operator_key.clone(),
+        ready: ready_flag.clone(),
+        metrics: observe::prometheus(),
+    });
+    let app_state = state.clone();
+    let app = move || {
+        App::new()
+            .app_data(app_state.clone())
+            .wrap(from_fn(observe::track))
+            .wrap(NormalizePath::trim())
+            .configure(http::configure)
+            .default_service(web::to(http::not_found))
+    };
+
+    let (https, https_fallback_reason) =
+        bind_with_fallback(cfg.listen.address, cfg.ports.https, cfg.ports.https_fallback)?;
+    let https_addr = https.local_addr()?;
+    let mut server = HttpServer::new(app.clone())
+        .disable_signals()
+        .workers(cores)
+        .listen_rustls_0_23(https, (*tls.server_config).clone())?;
+    let plain = bind_optional(cfg.listen.address, cfg.ports.http_plain, "plain HTTP")?;
+    let plain_addr = plain.as_ref().map(TcpListener::local_addr).transpose()?;
+    if let Some(l) = plain {
+        server = server.listen(l)?;
+    }
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    let metrics_listener = bind_optional(cfg.listen.address, cfg.ports.metrics, "metrics")?;
+    let metrics_addr = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let metrics_handle = match metrics_listener {
+        Some(l) => {
+            let state = state.clone();
+            let srv = HttpServer::new(move || App::new().app_data(state.clone()).configure(observe::configure))
+                .disable_signals()
+                .workers(1)
+                .listen(l)?
+                .run();
+            let h = srv.handle();
+            actix_rt::spawn(srv);
+            Some(h)
+        }
+        None => None,
+    };
+
+    ready_flag.store(true, Ordering::Release);
+    let info = StartupInfo {
+        https: https_addr,
+        http_plain: plain_addr,
+        metrics: metrics_addr,
+        ca_file: tls.ca_file.clone(),
+        https_fallback_reason,
+        owner_connection_string,
+        operator_key,
+        store_backend: store.backend(),
+    };
+    let _ = ready.send(Ok(info));
+
+    // A dropped sender (the `Server` value gone) also means stop.
+    let _ = stop.await;
+    ready_flag.store(false, Ordering::Release);
+    handle.stop(true).await;
+    if let Some(h) = metrics_handle {
+        h.stop(true).await;
+    }
+    deployment.stop();
+    store.close().await.context("cannot flush the store")?;
+    for arbiter in arbiters {
+        arbiter.stop();
+        let _ = arbiter.join();
+    }
+    Ok(())
+}
