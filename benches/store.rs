@@ -1,4 +1,5 @@
-//! Store throughput: identity create and get, one caller at a time and 64 at once.
+//! Store throughput: identity create and get, one caller at a time and 64 at once; event
+//! appends, one caller at a time and from 256 tasks at once.
 //!
 //! One at a time, each embedded create waits for a commit of its own (one fsync). With 64
 //! callers the writer thread commits whatever has queued in one transaction (group commit), so
@@ -6,16 +7,22 @@
 //! measures. PostgreSQL is measured too when `IOTHUBD_TEST_POSTGRES_URL` is set, in a schema of
 //! its own that is dropped afterwards.
 //!
+//! `append_256_tasks` is the MQTT ingest pattern (DESIGN.md §3): 256 devices, each publishing
+//! one 256-byte QoS 1 message at a time and sending the next once the previous one is durable.
+//! Its throughput (elements/s) is messages per second.
+//!
 //! `cargo bench --bench store -- --warm-up-time 1 --measurement-time 3`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use futures::future::join_all;
 use iothubd::config::{Config, DEFAULT_TOML, StoreBackend};
+use iothubd_actors::model::event::{AnnotationValue, EventData, partition_of};
 use iothubd_actors::model::hub::{HubDescription, HubProperties, Sku};
 use iothubd_actors::model::identity::{Identity, IdentityKey, IdentitySpec, new_etag};
 use iothubd_actors::store::Store;
@@ -26,6 +33,9 @@ const HUB: &str = "bench";
 /// Devices created before the get benchmarks, which read them round-robin.
 const PRELOADED: u64 = 1_000;
 const CONCURRENCY: u64 = 64;
+/// Devices publishing at once in `append_256_tasks`.
+const PUBLISHERS: u64 = 256;
+const PARTITIONS: u32 = 4;
 
 /// Unique device IDs across every benchmark and iteration.
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
@@ -44,6 +54,56 @@ fn bench_hub() -> HubDescription {
     };
     hub.normalize().expect("a valid hub");
     hub
+}
+
+/// A 256-byte telemetry message with the annotations the hub stamps on every D2C message.
+fn telemetry(device_id: &str) -> EventData {
+    let text = |s: &str| AnnotationValue::String(s.to_owned());
+    EventData {
+        body: vec![b'x'; 256],
+        annotations: vec![
+            ("iothub-connection-device-id".into(), text(device_id)),
+            ("iothub-connection-auth-generation-id".into(), text("638000000000000000")),
+            ("iothub-connection-auth-method".into(), text(r#"{"scope":"device","type":"sas","issuer":"iothub"}"#)),
+            ("iothub-enqueuedtime".into(), AnnotationValue::Timestamp(1_700_000_000_000)),
+            ("iothub-message-source".into(), text("Telemetry")),
+        ],
+        ..Default::default()
+    }
+}
+
+/// One device's message, to the device's partition.
+async fn publish(store: &Arc<dyn Store>, device_id: &str) {
+    let events = vec![(partition_of(device_id, PARTITIONS), telemetry(device_id))];
+    store.append_events(HUB, events).await.expect("append");
+}
+
+fn measure_appends(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
+    let mut group = c.benchmark_group(format!("store/{}", store.backend()));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("append", |b| b.to_async(rt).iter(|| publish(store, "device-0")));
+    // Each iteration is one message; the iterations are shared out among the publishers.
+    group.bench_function(format!("append_{PUBLISHERS}_tasks"), |b| {
+        b.to_async(rt).iter_custom(|iters| async move {
+            let per_publisher = iters.div_ceil(PUBLISHERS);
+            let started = Instant::now();
+            let publishers = (0..PUBLISHERS).map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let device_id = format!("device-{i}");
+                    for _ in 0..per_publisher {
+                        publish(&store, &device_id).await;
+                    }
+                })
+            });
+            for result in join_all(publishers).await {
+                result.expect("publisher");
+            }
+            // Scaled back to `iters` messages: the last round may have sent a few more.
+            started.elapsed().mul_f64(iters as f64 / (per_publisher * PUBLISHERS) as f64)
+        })
+    });
+    group.finish();
 }
 
 fn measure(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
@@ -107,6 +167,7 @@ fn measure(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
         )
     });
     group.finish();
+    measure_appends(c, rt, store);
     rt.block_on(store.close()).expect("close");
 }
 

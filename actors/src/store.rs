@@ -10,8 +10,12 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use chrono::{DateTime, Utc};
+
+use crate::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use crate::model::hub::HubDescription;
 use crate::model::identity::{Identity, IdentityKey};
+use crate::model::twin::Twin;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -81,6 +85,52 @@ pub trait Store: Send + Sync + 'static {
     /// The modules of one device, ordered by module ID.
     async fn list_modules(&self, hub: &str, device_id: &str) -> Result<Vec<Identity>, StoreError>;
     async fn device_statistics(&self, hub: &str) -> Result<DeviceStatistics, StoreError>;
+
+    /// The identity's twin as last written; `Ok(None)` when it was never written (the twin is
+    /// then a new one); `NotFound` when the identity does not exist. Twins are deleted with
+    /// their identity.
+    async fn get_twin(&self, hub: &str, key: &IdentityKey) -> Result<Option<Twin>, StoreError>;
+    /// Writes the twin. `expected_version`: `None` = only if never written before, `Some(v)` =
+    /// only if the stored twin's `version()` is `v`; otherwise `PreconditionFailed`.
+    /// `NotFound` when the identity does not exist.
+    async fn replace_twin(
+        &self,
+        hub: &str,
+        key: &IdentityKey,
+        twin: &Twin,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError>;
+
+    /// Appends events to the hub's log, durably: one commit (one fsync) for many concurrent
+    /// callers (group commit). Each event goes to the partition given with it; sequence numbers
+    /// are assigned per partition from 0, in append order; the enqueued time is the commit
+    /// batch's time. Returns the positions in the order of `events`. `NotFound` for no such hub.
+    async fn append_events(&self, hub: &str, events: Vec<(u32, EventData)>) -> Result<Vec<EventPosition>, StoreError>;
+    /// Up to `max` events of a partition with sequence number >= `from_sequence`, in order.
+    async fn read_events(
+        &self,
+        hub: &str,
+        partition: u32,
+        from_sequence: i64,
+        max: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The first sequence number whose enqueued time is >= `time` (the next one to be
+    /// assigned when there is none yet).
+    async fn sequence_at(&self, hub: &str, partition: u32, time: DateTime<Utc>) -> Result<i64, StoreError>;
+    async fn partition_info(&self, hub: &str, partition: u32) -> Result<PartitionInfo, StoreError>;
+    /// Deletes events enqueued before `before` (retention); returns how many were deleted.
+    /// Sequence numbers are never reused.
+    async fn expire_events(&self, hub: &str, before: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// A consumer group's stored checkpoint of a partition: the last sequence number it
+    /// processed.
+    async fn get_checkpoint(&self, hub: &str, consumer_group: &str, partition: u32) -> Result<Option<i64>, StoreError>;
+    async fn set_checkpoint(
+        &self,
+        hub: &str,
+        consumer_group: &str,
+        partition: u32,
+        sequence_number: i64,
+    ) -> Result<(), StoreError>;
 
     /// Makes everything written so far durable and stops accepting writes (graceful shutdown).
     async fn close(&self) -> Result<(), StoreError>;

@@ -1,14 +1,23 @@
 //! The two implementations of [`Store`] (DESIGN.md §4) and the choice between them.
 //!
-//! - [`embedded`]: SQLite in `<data_dir>/iothubd.db`, the default; no setup. One writer thread
-//!   commits many writes with one fsync (group commit); reads run on a pool of read-only
-//!   connections.
+//! - [`embedded`]: SQLite in `<data_dir>/iothubd.db` (registry) and `<data_dir>/events.db`
+//!   (events log), the default; no setup. Each file has one writer thread that commits many
+//!   writes with one fsync (group commit); reads run on pools of read-only connections.
 //! - [`postgres`]: PostgreSQL through a connection pool, for deployments that want a server.
 //!
 //! Both keep the same schema — `hubs(name, host_name, etag, doc)` and
-//! `identities(hub, device_id, module_id, status, etag, doc)`, where `doc` is the serde_json form
-//! of the model type and `module_id` is `''` for a device — with versioned migrations run at
-//! open, and both pass `tests/store_suite.rs`.
+//! `identities(hub, device_id, module_id, status, etag, doc, twin, twin_version)`, where `doc` and
+//! `twin` are the serde_json form of the model types and `module_id` is `''` for a device; the
+//! events log in `events(hub, partition_id, sequence_number, enqueued_ms, body, meta)` (`meta` in
+//! the [`event_codec`] form), `event_partitions(hub, partition_id, next_sequence,
+//! last_enqueued_ms)` and `event_checkpoints(hub, consumer_group, partition_id, sequence_number)`
+//! — with versioned migrations run at open, and both pass `tests/store_suite/`.
+//!
+//! Within a partition, enqueued times never decrease as sequence numbers grow (each backend
+//! takes the later of the clock and the partition's last enqueued time), so "first event at or
+//! after a time" is a binary search over sequence numbers and needs no index on time.
+
+mod event_codec;
 
 pub mod embedded;
 pub mod postgres;
@@ -16,6 +25,8 @@ pub mod postgres;
 use std::sync::Arc;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
+use iothubd_actors::model::event::PartitionInfo;
 use iothubd_actors::model::identity::IdentityStatus;
 use iothubd_actors::store::{DeviceStatistics, Store, StoreError};
 use serde::Serialize;
@@ -23,10 +34,44 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{Config, StoreBackend};
 
-/// Every table, besides `hubs`, holding data a hub owns; each has a `hub` column. Deleting a hub
-/// empties them in this order, then deletes the hub row — so a table referencing another one
-/// must come before it.
+/// Every registry table, besides `hubs`, holding data a hub owns; each has a `hub` column.
+/// Deleting a hub empties them in this order, then deletes the hub row — so a table referencing
+/// another one must come before it.
 const HUB_SCOPED_TABLES: &[&str] = &["identities"];
+
+/// The tables of a hub's events log, emptied with the hub like [`HUB_SCOPED_TABLES`]. They are
+/// listed apart because the embedded store keeps them in a database file of their own.
+///
+/// `event_partitions` comes first: in PostgreSQL, deleting its rows waits for the appends that
+/// hold them locked, so the `events` delete that follows sees their rows, and later appends
+/// find the hub gone.
+const EVENT_LOG_TABLES: &[&str] = &["event_partitions", "events", "event_checkpoints"];
+
+/// For a partition (`$1` hub, `$2` partition), the first retained sequence number enqueued at
+/// or after `$3` (ms): the last retained one + 1 when every retained event is older; no row
+/// when none is retained.
+///
+/// A binary search over the retained range, which is gap-free and whose enqueued times never
+/// decrease: about 20 point lookups on the key for a million events, in one statement (so one
+/// snapshot), and no index on time for every append to maintain. The same text runs on both
+/// backends: SQLite numbers `$n` parameters by first appearance, which here is `$1`, `$2`, `$3`.
+const FIRST_ENQUEUED_AT_OR_AFTER: &str = "
+    WITH RECURSIVE search (low, high) AS (
+        SELECT (SELECT min(sequence_number) FROM events WHERE hub = $1 AND partition_id = $2),
+               (SELECT max(sequence_number) FROM events WHERE hub = $1 AND partition_id = $2) + 1
+        UNION ALL
+        SELECT CASE WHEN e.enqueued_ms >= $3 THEN s.low ELSE e.sequence_number + 1 END,
+               CASE WHEN e.enqueued_ms >= $3 THEN e.sequence_number ELSE s.high END
+        FROM search s
+        JOIN events e
+          ON e.hub = $1 AND e.partition_id = $2 AND e.sequence_number = s.low + (s.high - s.low) / 2
+        WHERE s.low < s.high
+    )
+    SELECT low FROM search WHERE low = high";
+
+/// Events removed by one retention statement: expiry of a large backlog proceeds in chunks, so
+/// appends keep flowing between them instead of waiting behind one huge delete.
+const EXPIRY_CHUNK: i64 = 4096;
 
 /// Opens the backend `store.backend` names, creating or migrating its schema.
 pub async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -52,6 +97,11 @@ fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
 /// A model value from its stored form; `what` names the row for the error.
 fn decode<T: DeserializeOwned>(what: &str, doc: &str) -> Result<T, StoreError> {
     serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// The `twin_version` column of a twin's `version()`.
+fn twin_version(version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version).map_err(|_| StoreError::Corrupt(format!("twin version {version} is out of range")))
 }
 
 /// The `module_id` column of an identity: `''` for a device, so the primary key has no NULL.
@@ -80,4 +130,27 @@ fn statistics(counts: impl IntoIterator<Item = (String, i64)>) -> DeviceStatisti
         }
     }
     stats
+}
+
+/// A partition's READ answer (service-api §9) from its counter row — `(next_sequence,
+/// last_enqueued_ms)`, absent when nothing was ever appended — and its first retained sequence
+/// number, absent when nothing is retained.
+fn partition_info(counters: Option<(i64, i64)>, first_retained: Option<i64>) -> PartitionInfo {
+    let (next_sequence, last_enqueued_ms) = counters.unwrap_or((0, 0));
+    PartitionInfo {
+        begin_sequence_number: first_retained.unwrap_or(-1),
+        last_sequence_number: next_sequence - 1,
+        last_enqueued_time: time_of(last_enqueued_ms),
+        is_empty: first_retained.is_none(),
+    }
+}
+
+/// The stored form of an enqueued time: milliseconds since the Unix epoch.
+fn millis(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+/// An enqueued time from its stored form; out-of-range values (never written) read as the epoch.
+fn time_of(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }

@@ -1,10 +1,15 @@
-//! The embedded store: SQLite in `<data_dir>/iothubd.db`, so a fresh machine runs iothubd
-//! without setting up a database (DESIGN.md §4, §10).
+//! The embedded store: SQLite in `<data_dir>/iothubd.db` (hubs, identities, twins) and
+//! `<data_dir>/events.db` (the events log), so a fresh machine runs iothubd without setting up
+//! a database (DESIGN.md §4, §10).
 //!
-//! - `writer`: the one writer thread; group commit, one savepoint per write.
+//! - `writer`: the registry's one writer thread; group commit, one savepoint per write.
+//! - `event_log`, `event_writer`: the events log, with a writer thread and readers of its own
+//!   so that the telemetry firehose and registry writes never queue behind each other.
 //! - `readers`: read-only connections used on blocking threads.
 //! - `schema`: tables, migrations (`PRAGMA user_version`), connection settings, error mapping.
 
+mod event_log;
+mod event_writer;
 mod readers;
 mod schema;
 mod writer;
@@ -14,27 +19,39 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use iothubd_actors::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use iothubd_actors::model::hub::HubDescription;
 use iothubd_actors::model::identity::{Identity, IdentityKey};
+use iothubd_actors::model::twin::Twin;
 use iothubd_actors::store::{DeviceStatistics, Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, Params};
+use tokio::sync::Mutex;
 
+pub use self::event_log::EVENT_LOG_FILE;
+use self::event_log::EventLog;
 use self::readers::Readers;
 use self::schema::store_error;
 use self::writer::{HubRow, IdentityRow, WriteOp, WriterHandle};
 use super::{decode, encode, module_column, statistics};
 use crate::config::StoreConfig;
 
-/// The database file inside `data_dir`.
+/// The registry database file inside `data_dir`.
 pub const DATABASE_FILE: &str = "iothubd.db";
 
 pub struct EmbeddedStore {
     writer: WriterHandle,
     readers: Arc<Readers>,
+    events: EventLog,
+    /// Held while a hub is created or deleted: a hub's deletion spans both files (registry,
+    /// then log), and a same-named hub created in between would lose its first events to the
+    /// purge.
+    hub_lifecycle: Mutex<()>,
 }
 
 impl EmbeddedStore {
-    /// Opens `<data_dir>/iothubd.db`, creating the directory and the schema as needed.
+    /// Opens `<data_dir>/iothubd.db` and `<data_dir>/events.db`, creating the directory and the
+    /// schemas as needed.
     pub async fn open(data_dir: &Path, cfg: &StoreConfig) -> anyhow::Result<Self> {
         let dir = data_dir.to_owned();
         let (queue_capacity, max_batch) = (cfg.queue_capacity, cfg.max_batch);
@@ -44,7 +61,8 @@ impl EmbeddedStore {
             // The writer creates and migrates the file before any reader opens it.
             let writer = WriterHandle::start(&path, queue_capacity, max_batch)?;
             let readers = Readers::open(&path, reader_count())?;
-            Ok(Self { writer, readers })
+            let events = EventLog::open(&dir.join(EVENT_LOG_FILE), &path, queue_capacity, max_batch, reader_count())?;
+            Ok(Self { writer, readers, events, hub_lifecycle: Mutex::new(()) })
         })
         .await?
     }
@@ -92,7 +110,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn create_hub(&self, hub: &HubDescription) -> Result<(), StoreError> {
-        self.writer.write(WriteOp::CreateHub(hub_row(hub)?)).await.map(drop)
+        let row = hub_row(hub)?;
+        let _lifecycle = self.hub_lifecycle.lock().await;
+        self.writer.write(WriteOp::CreateHub(row)).await.map(drop)
     }
 
     async fn replace_hub(&self, hub: &HubDescription, expected_etag: Option<&str>) -> Result<(), StoreError> {
@@ -120,7 +140,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn delete_hub(&self, name: &str) -> Result<(), StoreError> {
-        self.writer.write(WriteOp::DeleteHub { name: name.to_owned() }).await.map(drop)
+        let _lifecycle = self.hub_lifecycle.lock().await;
+        // Registry first: from its commit on, the log refuses new events for the hub, so the
+        // purge after it leaves nothing behind. A crash in between leaves the log rows, which
+        // the log's writer purges at the next start.
+        self.writer.write(WriteOp::DeleteHub { name: name.to_owned() }).await?;
+        self.events.purge(name).await
     }
 
     async fn create_identity(&self, hub: &str, identity: &Identity) -> Result<(), StoreError> {
@@ -222,8 +247,82 @@ impl Store for EmbeddedStore {
             .await
     }
 
+    async fn get_twin(&self, hub: &str, key: &IdentityKey) -> Result<Option<Twin>, StoreError> {
+        let (hub, device_id) = (hub.to_owned(), key.device_id.clone());
+        let module_id = module_column(key.module_id.as_deref()).to_owned();
+        self.readers
+            .read(move |db| {
+                let row: Option<Option<String>> = db
+                    .prepare_cached("SELECT twin FROM identities WHERE hub = ?1 AND device_id = ?2 AND module_id = ?3")
+                    .and_then(|mut stmt| stmt.query_row([&hub, &device_id, &module_id], |row| row.get(0)).optional())
+                    .map_err(store_error)?;
+                let twin = row.ok_or(StoreError::NotFound)?;
+                twin.map(|doc| decode("twin document", &doc)).transpose()
+            })
+            .await
+    }
+
+    async fn replace_twin(
+        &self,
+        hub: &str,
+        key: &IdentityKey,
+        twin: &Twin,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let op = WriteOp::ReplaceTwin {
+            hub: hub.to_owned(),
+            device_id: key.device_id.clone(),
+            module_id: module_column(key.module_id.as_deref()).to_owned(),
+            doc: encode(twin)?,
+            version: super::twin_version(twin.version())?,
+            expected_version: expected_version.map(super::twin_version).transpose()?,
+        };
+        self.writer.write(op).await.map(drop)
+    }
+
+    async fn append_events(&self, hub: &str, events: Vec<(u32, EventData)>) -> Result<Vec<EventPosition>, StoreError> {
+        self.events.append(hub, events).await
+    }
+
+    async fn read_events(
+        &self,
+        hub: &str,
+        partition: u32,
+        from_sequence: i64,
+        max: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.events.read(hub, partition, from_sequence, max).await
+    }
+
+    async fn sequence_at(&self, hub: &str, partition: u32, time: DateTime<Utc>) -> Result<i64, StoreError> {
+        self.events.sequence_at(hub, partition, time).await
+    }
+
+    async fn partition_info(&self, hub: &str, partition: u32) -> Result<PartitionInfo, StoreError> {
+        self.events.partition_info(hub, partition).await
+    }
+
+    async fn expire_events(&self, hub: &str, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.events.expire(hub, before).await
+    }
+
+    async fn get_checkpoint(&self, hub: &str, consumer_group: &str, partition: u32) -> Result<Option<i64>, StoreError> {
+        self.events.get_checkpoint(hub, consumer_group, partition).await
+    }
+
+    async fn set_checkpoint(
+        &self,
+        hub: &str,
+        consumer_group: &str,
+        partition: u32,
+        sequence_number: i64,
+    ) -> Result<(), StoreError> {
+        self.events.set_checkpoint(hub, consumer_group, partition, sequence_number).await
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         self.readers.close();
-        self.writer.close().await
+        let events = self.events.close().await;
+        self.writer.close().await.and(events)
     }
 }

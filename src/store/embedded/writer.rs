@@ -12,7 +12,7 @@
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::schema::{open_writer, store_error};
+use super::schema::{MIGRATIONS, open_writer, store_error};
 use crate::store::{HUB_SCOPED_TABLES, missing_or_stale};
 use iothubd_actors::store::StoreError;
 
@@ -60,6 +60,16 @@ pub(super) enum WriteOp {
         module_id: String,
         expected_etag: Option<String>,
     },
+    /// Writes `doc` (a `Twin`) if the stored twin's version is `expected_version` (NULL: never
+    /// written).
+    ReplaceTwin {
+        hub: String,
+        device_id: String,
+        module_id: String,
+        doc: String,
+        version: i64,
+        expected_version: Option<i64>,
+    },
 }
 
 enum Request {
@@ -79,7 +89,7 @@ pub(super) struct WriterHandle {
 impl WriterHandle {
     /// Opens (creating and migrating) the database and starts the writer thread.
     pub(super) fn start(path: &std::path::Path, queue_capacity: usize, max_batch: usize) -> anyhow::Result<Self> {
-        let conn = open_writer(path)?;
+        let conn = open_writer(path, MIGRATIONS)?;
         let (queue, requests) = mpsc::channel(queue_capacity);
         std::thread::Builder::new()
             .name("iothubd-store-writer".into())
@@ -256,6 +266,19 @@ impl WriteOp {
                 )?
                 .execute(params![hub, device_id, module_id])?;
                 Ok(Ok(Some(doc)))
+            }
+            Self::ReplaceTwin { hub, device_id, module_id, doc, version, expected_version } => {
+                // `IS` is SQLite's `IS NOT DISTINCT FROM`: NULL matches a never-written twin.
+                let changed = db
+                    .prepare_cached(
+                        "UPDATE identities SET twin = ?4, twin_version = ?5
+                         WHERE hub = ?1 AND device_id = ?2 AND module_id = ?3 AND twin_version IS ?6",
+                    )?
+                    .execute(params![hub, device_id, module_id, doc, version, expected_version])?;
+                if changed == 0 {
+                    return Ok(Err(missing_or_stale(identity_etag(db, hub, device_id, module_id)?)));
+                }
+                Ok(Ok(None))
             }
         }
     }

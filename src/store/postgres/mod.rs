@@ -8,22 +8,32 @@
 //! the new row or makes the write fail with `NotFound` — never leaves an orphan.
 //!
 //! Connections are plain TCP (`NoTls`): the database is expected on a private network.
+//!
+//! Twins live on their identity's row; a twin write is one `UPDATE … WHERE twin_version IS NOT
+//! DISTINCT FROM $expected`. The events log (appends, reads, retention, checkpoints) is in
+//! `events`.
 
+mod events;
 mod schema;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use iothubd_actors::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use iothubd_actors::model::hub::HubDescription;
 use iothubd_actors::model::identity::{Identity, IdentityKey};
+use iothubd_actors::model::twin::Twin;
 use iothubd_actors::store::{DeviceStatistics, Store, StoreError};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{HUB_SCOPED_TABLES, decode, encode, missing_or_stale, module_column, statistics};
+use super::{
+    EVENT_LOG_TABLES, HUB_SCOPED_TABLES, decode, encode, missing_or_stale, module_column, statistics, twin_version,
+};
 use crate::config::StoreConfig;
 
 /// How long opening a connection may take before the request fails with `Unavailable`, rather
@@ -160,7 +170,7 @@ impl Store for PostgresStore {
         if query_opt(&tx, "SELECT 1 FROM hubs WHERE name = $1 FOR UPDATE", &[&name]).await?.is_none() {
             return Err(StoreError::NotFound);
         }
-        for table in HUB_SCOPED_TABLES {
+        for table in EVENT_LOG_TABLES.iter().chain(HUB_SCOPED_TABLES) {
             execute(&tx, &format!("DELETE FROM {table} WHERE hub = $1"), &[&name]).await?;
         }
         execute(&tx, "DELETE FROM hubs WHERE name = $1", &[&name]).await?;
@@ -307,6 +317,90 @@ impl Store for PostgresStore {
         .await?;
         let counts = rows.iter().map(|row| Ok((column::<String>(row, 0)?, column::<i64>(row, 1)?)));
         Ok(statistics(counts.collect::<Result<Vec<_>, StoreError>>()?))
+    }
+
+    async fn get_twin(&self, hub: &str, key: &IdentityKey) -> Result<Option<Twin>, StoreError> {
+        let module_id = module_column(key.module_id.as_deref());
+        let db = self.client().await?;
+        let row = query_opt(
+            &db,
+            "SELECT twin::text FROM identities WHERE hub = $1 AND device_id = $2 AND module_id = $3",
+            &[&hub, &key.device_id, &module_id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        column::<Option<&str>>(&row, 0)?.map(|twin| decode("twin document", twin)).transpose()
+    }
+
+    async fn replace_twin(
+        &self,
+        hub: &str,
+        key: &IdentityKey,
+        twin: &Twin,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let doc = encode(twin)?;
+        let version = twin_version(twin.version())?;
+        let expected_version = expected_version.map(twin_version).transpose()?;
+        let module_id = module_column(key.module_id.as_deref());
+        let db = self.client().await?;
+        let changed = execute(
+            &db,
+            "UPDATE identities SET twin = $4::text::jsonb, twin_version = $5
+             WHERE hub = $1 AND device_id = $2 AND module_id = $3 AND twin_version IS NOT DISTINCT FROM $6",
+            &[&hub, &key.device_id, &module_id, &doc, &version, &expected_version],
+        )
+        .await?;
+        if changed == 0 {
+            let current = query_opt(
+                &db,
+                "SELECT etag FROM identities WHERE hub = $1 AND device_id = $2 AND module_id = $3",
+                &[&hub, &key.device_id, &module_id],
+            )
+            .await?;
+            return Err(missing_or_stale(current.map(|row| column(&row, 0)).transpose()?));
+        }
+        Ok(())
+    }
+
+    async fn append_events(&self, hub: &str, events: Vec<(u32, EventData)>) -> Result<Vec<EventPosition>, StoreError> {
+        events::append(self, hub, events).await
+    }
+
+    async fn read_events(
+        &self,
+        hub: &str,
+        partition: u32,
+        from_sequence: i64,
+        max: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        events::read(self, hub, partition, from_sequence, max).await
+    }
+
+    async fn sequence_at(&self, hub: &str, partition: u32, time: DateTime<Utc>) -> Result<i64, StoreError> {
+        events::sequence_at(self, hub, partition, time).await
+    }
+
+    async fn partition_info(&self, hub: &str, partition: u32) -> Result<PartitionInfo, StoreError> {
+        events::info(self, hub, partition).await
+    }
+
+    async fn expire_events(&self, hub: &str, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        events::expire(self, hub, before).await
+    }
+
+    async fn get_checkpoint(&self, hub: &str, consumer_group: &str, partition: u32) -> Result<Option<i64>, StoreError> {
+        events::get_checkpoint(self, hub, consumer_group, partition).await
+    }
+
+    async fn set_checkpoint(
+        &self,
+        hub: &str,
+        consumer_group: &str,
+        partition: u32,
+        sequence_number: i64,
+    ) -> Result<(), StoreError> {
+        events::set_checkpoint(self, hub, consumer_group, partition, sequence_number).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -29,6 +29,36 @@ const MIGRATIONS: &[&str] = &[
         doc       jsonb NOT NULL,
         PRIMARY KEY (hub, device_id, module_id)
     );"#,
+    // 2: twins on their identity's row (NULL until first written; `twin_version` is the twin's
+    // `version` for conditional writes), and the events log: events, per-partition counters
+    // (which outlive expired events, so sequence numbers are never reused, and whose row lock
+    // orders concurrent appenders), consumer-group checkpoints. `events` has no foreign key:
+    // every append upserts its partition's counter row, whose key check on `hubs` already
+    // holds the hub against a concurrent delete.
+    r#"ALTER TABLE identities ADD COLUMN twin jsonb, ADD COLUMN twin_version bigint;
+    CREATE TABLE event_partitions (
+        hub              text COLLATE "C" NOT NULL REFERENCES hubs (name),
+        partition_id     bigint NOT NULL,
+        next_sequence    bigint NOT NULL,
+        last_enqueued_ms bigint NOT NULL,
+        PRIMARY KEY (hub, partition_id)
+    );
+    CREATE TABLE events (
+        hub             text COLLATE "C" NOT NULL,
+        partition_id    bigint NOT NULL,
+        sequence_number bigint NOT NULL,
+        enqueued_ms     bigint NOT NULL,
+        body            bytea NOT NULL,
+        meta            bytea NOT NULL,
+        PRIMARY KEY (hub, partition_id, sequence_number)
+    );
+    CREATE TABLE event_checkpoints (
+        hub             text COLLATE "C" NOT NULL REFERENCES hubs (name),
+        consumer_group  text COLLATE "C" NOT NULL,
+        partition_id    bigint NOT NULL,
+        sequence_number bigint NOT NULL,
+        PRIMARY KEY (hub, consumer_group, partition_id)
+    );"#,
 ];
 
 /// The advisory lock serializing migrations: "iothubd" in ASCII.

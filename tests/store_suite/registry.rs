@@ -1,63 +1,19 @@
-//! The one suite both `Store` backends pass (DESIGN.md §4, §9).
-//!
-//! Each case below is written once against `Arc<dyn Store>` (or, when it must reopen or reach
-//! under the store, against the [`Backend`] harness); `store_suite!` turns every case into one
-//! `#[tokio::test]` per backend, so they run in parallel.
-//!
-//! The embedded store always runs, in a temporary directory. PostgreSQL runs when
-//! `IOTHUBD_TEST_POSTGRES_URL` is set — and then fails rather than skips if it cannot connect.
-//! Each PostgreSQL test works in a fresh schema of its own (via `search_path`), so parallel test
-//! processes never see each other's rows.
+//! Hubs and identities: create, replace, delete, list, counts, concurrency and durability.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use figment::Figment;
-use figment::providers::{Format, Toml};
+use chrono::Utc;
 use futures::future::join_all;
-use iothubd::config::{Config, DEFAULT_TOML, StoreBackend, StoreConfig};
-use iothubd::store::embedded::DATABASE_FILE;
-use iothubd_actors::model::hub::{HubDescription, HubProperties, Sku};
-use iothubd_actors::model::identity::{Identity, IdentityKey, IdentitySpec, IdentityStatus, new_etag};
+use iothubd_actors::model::hub::HubDescription;
+use iothubd_actors::model::identity::{Identity, IdentityKey, new_etag};
+use iothubd_actors::model::twin::Twin;
 use iothubd_actors::store::{DeviceStatistics, Store, StoreError};
-use tempfile::TempDir;
-use tokio_postgres::NoTls;
 
-fn hub(name: &str) -> HubDescription {
-    let mut hub = HubDescription {
-        name: name.into(),
-        etag: new_etag(),
-        sku: Sku::default(),
-        properties: HubProperties { host_name: format!("{name}.example.net"), ..Default::default() },
-    };
-    hub.normalize().expect("a valid hub");
-    hub
-}
+use crate::backend::Backend;
+use crate::fixtures::*;
 
-fn device(id: &str) -> Identity {
-    Identity::create(IdentityKey::device(id), IdentitySpec::default()).expect("a valid device")
-}
-
-fn disabled_device(id: &str) -> Identity {
-    let spec = IdentitySpec { status: Some(IdentityStatus::Disabled), ..Default::default() };
-    Identity::create(IdentityKey::device(id), spec).expect("a valid device")
-}
-
-fn module(device_id: &str, module_id: &str) -> Identity {
-    Identity::create(IdentityKey::module(device_id, module_id), IdentitySpec::default()).expect("a valid module")
-}
-
-fn disabled(identity: &Identity) -> Identity {
-    identity
-        .replaced(IdentitySpec { status: Some(IdentityStatus::Disabled), ..Default::default() })
-        .expect("a valid replacement")
-}
-
-fn ids(identities: &[Identity]) -> Vec<String> {
-    identities.iter().map(|i| i.key.to_string()).collect()
-}
-
-async fn hub_create_get_list_and_conflicts(store: Arc<dyn Store>) {
+pub(crate) async fn hub_create_get_list_and_conflicts(store: Arc<dyn Store>) {
     let alpha = hub("alpha");
     let beta = hub("beta");
     store.create_hub(&beta).await.unwrap();
@@ -76,7 +32,7 @@ async fn hub_create_get_list_and_conflicts(store: Arc<dyn Store>) {
     assert_eq!(store.get_hub("gamma").await.unwrap(), None);
 }
 
-async fn hub_replace_checks_etag_and_host_name(store: Arc<dyn Store>) {
+pub(crate) async fn hub_replace_checks_etag_and_host_name(store: Arc<dyn Store>) {
     let original = hub("alpha");
     store.create_hub(&original).await.unwrap();
     store.create_hub(&hub("beta")).await.unwrap();
@@ -109,7 +65,7 @@ async fn hub_replace_checks_etag_and_host_name(store: Arc<dyn Store>) {
     assert_eq!(store.replace_hub(&hub("missing"), Some("etag")).await, Err(StoreError::NotFound));
 }
 
-async fn hub_delete_removes_its_identities(store: Arc<dyn Store>) {
+pub(crate) async fn hub_delete_removes_its_identities(store: Arc<dyn Store>) {
     store.create_hub(&hub("doomed")).await.unwrap();
     store.create_hub(&hub("kept")).await.unwrap();
     for hub_name in ["doomed", "kept"] {
@@ -132,7 +88,7 @@ async fn hub_delete_removes_its_identities(store: Arc<dyn Store>) {
     assert_eq!(store.list_modules("kept", "d1").await.unwrap().len(), 1);
 }
 
-async fn identity_create_get_and_conflicts(store: Arc<dyn Store>) {
+pub(crate) async fn identity_create_get_and_conflicts(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     store.create_hub(&hub("beta")).await.unwrap();
     let d1 = device("d1");
@@ -157,7 +113,7 @@ async fn identity_create_get_and_conflicts(store: Arc<dyn Store>) {
     assert_eq!(store.get_identity("beta", &beta_d1.key).await.unwrap(), Some(beta_d1));
 }
 
-async fn identity_replace_checks_etag(store: Arc<dyn Store>) {
+pub(crate) async fn identity_replace_checks_etag(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     let original = device("d1");
     store.create_identity("alpha", &original).await.unwrap();
@@ -187,7 +143,7 @@ async fn identity_replace_checks_etag(store: Arc<dyn Store>) {
     assert_eq!(store.replace_identity("beta", &device("d1"), None).await, Err(StoreError::NotFound));
 }
 
-async fn identity_delete_returns_it_and_removes_modules(store: Arc<dyn Store>) {
+pub(crate) async fn identity_delete_returns_it_and_removes_modules(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     let d1 = device("d1");
     let d2 = device("d2");
@@ -219,7 +175,7 @@ async fn identity_delete_returns_it_and_removes_modules(store: Arc<dyn Store>) {
     store.create_identity("alpha", &device("d1")).await.expect("the ID is free again");
 }
 
-async fn list_devices_pages_in_device_id_order(store: Arc<dyn Store>) {
+pub(crate) async fn list_devices_pages_in_device_id_order(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     store.create_hub(&hub("beta")).await.unwrap();
     let mut expected: BTreeSet<String> = (0..25).map(|i| format!("dev-{i:02}")).collect();
@@ -252,7 +208,7 @@ async fn list_devices_pages_in_device_id_order(store: Arc<dyn Store>) {
     assert!(store.list_devices("missing", None, 10).await.unwrap().is_empty());
 }
 
-async fn list_modules_and_statistics_count_the_right_identities(store: Arc<dyn Store>) {
+pub(crate) async fn list_modules_and_statistics_count_the_right_identities(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     store.create_hub(&hub("beta")).await.unwrap();
     assert_eq!(store.device_statistics("alpha").await.unwrap(), DeviceStatistics::default());
@@ -280,7 +236,7 @@ async fn list_modules_and_statistics_count_the_right_identities(store: Arc<dyn S
     assert_eq!(store.device_statistics("beta").await.unwrap().total_device_count, 1);
 }
 
-async fn concurrent_creates_all_land(store: Arc<dyn Store>) {
+pub(crate) async fn concurrent_creates_all_land(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     for i in 0..20 {
         store.create_identity("alpha", &device(&format!("taken-{i}"))).await.unwrap();
@@ -307,7 +263,7 @@ async fn concurrent_creates_all_land(store: Arc<dyn Store>) {
     assert_eq!(store.device_statistics("alpha").await.unwrap().total_device_count, 220);
 }
 
-async fn concurrent_creates_of_one_id_have_one_winner(store: Arc<dyn Store>) {
+pub(crate) async fn concurrent_creates_of_one_id_have_one_winner(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     let contenders: Vec<Identity> = (0..50).map(|_| device("same")).collect();
     let results = join_all(contenders.iter().cloned().map(|identity| {
@@ -322,7 +278,7 @@ async fn concurrent_creates_of_one_id_have_one_winner(store: Arc<dyn Store>) {
     assert_eq!(store.get_identity("alpha", &IdentityKey::device("same")).await.unwrap().as_ref(), winner);
 }
 
-async fn concurrent_replaces_with_one_etag_have_one_winner(store: Arc<dyn Store>) {
+pub(crate) async fn concurrent_replaces_with_one_etag_have_one_winner(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     let original = device("d1");
     store.create_identity("alpha", &original).await.unwrap();
@@ -339,7 +295,7 @@ async fn concurrent_replaces_with_one_etag_have_one_winner(store: Arc<dyn Store>
     assert_eq!(store.get_identity("alpha", &original.key).await.unwrap().as_ref(), winner);
 }
 
-async fn writes_after_close_are_unavailable(store: Arc<dyn Store>) {
+pub(crate) async fn writes_after_close_are_unavailable(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     store.close().await.unwrap();
     let unavailable = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Unavailable(_)));
@@ -347,11 +303,17 @@ async fn writes_after_close_are_unavailable(store: Arc<dyn Store>) {
     assert!(unavailable(store.create_identity("alpha", &device("d1")).await));
     assert!(unavailable(store.replace_hub(&hub("alpha"), None).await));
     assert!(unavailable(store.delete_hub("alpha").await));
+    assert!(unavailable(store.set_checkpoint("alpha", "$Default", 0, 1).await));
+    let key = IdentityKey::device("d1");
+    assert!(unavailable(store.replace_twin("alpha", &key, &Twin::new(Utc::now()), None).await));
+    let append = store.append_events("alpha", to_partition(0, &["late"])).await;
+    assert!(matches!(append, Err(StoreError::Unavailable(_))), "{append:?}");
     assert!(matches!(store.get_hub("alpha").await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(store.read_events("alpha", 0, 0, 10).await, Err(StoreError::Unavailable(_))));
     store.close().await.expect("closing twice is harmless");
 }
 
-async fn writes_survive_close_and_reopen(backend: &Backend) {
+pub(crate) async fn writes_survive_close_and_reopen(backend: &Backend) {
     let first = backend.open().await;
     let alpha = hub("alpha");
     first.create_hub(&alpha).await.unwrap();
@@ -376,7 +338,7 @@ async fn writes_survive_close_and_reopen(backend: &Backend) {
     second.close().await.unwrap();
 }
 
-async fn corrupt_document_reads_as_corrupt(backend: &Backend) {
+pub(crate) async fn corrupt_document_reads_as_corrupt(backend: &Backend) {
     let store = backend.open().await;
     store.create_hub(&hub("alpha")).await.unwrap();
     store.create_identity("alpha", &device("d1")).await.unwrap();
@@ -389,7 +351,7 @@ async fn corrupt_document_reads_as_corrupt(backend: &Backend) {
     store.close().await.unwrap();
 }
 
-async fn concurrent_opens_migrate_once(backend: &Backend) {
+pub(crate) async fn concurrent_opens_migrate_once(backend: &Backend) {
     let stores = join_all((0..4).map(|_| backend.open())).await;
     stores[0].create_hub(&hub("alpha")).await.unwrap();
     for store in &stores {
@@ -398,177 +360,4 @@ async fn concurrent_opens_migrate_once(backend: &Backend) {
     for store in &stores {
         store.close().await.unwrap();
     }
-}
-
-/// One `#[tokio::test]` per case for one backend; `$connect` yields `None` when the backend is
-/// not configured.
-macro_rules! backend_tests {
-    ($backend:ident, $connect:expr, store: [$($case:ident),*], harness: [$($harness_case:ident),*]) => {
-        mod $backend {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let Some(backend) = $connect.await else { return };
-                    super::$case(backend.open().await).await;
-                    backend.finish().await;
-                }
-            )*
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $harness_case() {
-                    let Some(backend) = $connect.await else { return };
-                    super::$harness_case(&backend).await;
-                    backend.finish().await;
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! store_suite {
-    (store: [$($case:ident),* $(,)?], harness: [$($harness_case:ident),* $(,)?] $(,)?) => {
-        backend_tests!(embedded, Backend::embedded(), store: [$($case),*], harness: [$($harness_case),*]);
-        backend_tests!(postgres, Backend::postgres(), store: [$($case),*], harness: [$($harness_case),*]);
-    };
-}
-
-store_suite!(
-    store: [
-        hub_create_get_list_and_conflicts,
-        hub_replace_checks_etag_and_host_name,
-        hub_delete_removes_its_identities,
-        identity_create_get_and_conflicts,
-        identity_replace_checks_etag,
-        identity_delete_returns_it_and_removes_modules,
-        list_devices_pages_in_device_id_order,
-        list_modules_and_statistics_count_the_right_identities,
-        concurrent_creates_all_land,
-        concurrent_creates_of_one_id_have_one_winner,
-        concurrent_replaces_with_one_etag_have_one_winner,
-        writes_after_close_are_unavailable,
-    ],
-    harness: [writes_survive_close_and_reopen, corrupt_document_reads_as_corrupt, concurrent_opens_migrate_once],
-);
-
-/// The embedded writer's queue bound is backpressure, not a limit: with room for one waiting
-/// write and batches of two, hundreds of concurrent writers all get through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn embedded_tiny_queue_holds_writers_back_without_losing_writes() {
-    let backend = Backend::embedded_with(|store| {
-        store.queue_capacity = 1;
-        store.max_batch = 2;
-    });
-    let store = backend.open().await;
-    store.create_hub(&hub("alpha")).await.unwrap();
-    let results = join_all((0..300).map(|i| {
-        let store = store.clone();
-        tokio::spawn(async move { store.create_identity("alpha", &device(&format!("d{i:03}"))).await })
-    }))
-    .await;
-    assert!(results.into_iter().all(|r| r.expect("task").is_ok()));
-    assert_eq!(store.device_statistics("alpha").await.unwrap().total_device_count, 300);
-    backend.finish().await;
-}
-
-const POSTGRES_URL_VAR: &str = "IOTHUBD_TEST_POSTGRES_URL";
-
-/// A backend under test, in a corner of its own: a temporary data directory, and for
-/// PostgreSQL a fresh schema that `finish` drops.
-struct Backend {
-    config: Config,
-    _data_dir: TempDir,
-    /// The server URL (without the test's `search_path`) and the test's schema.
-    postgres: Option<(String, String)>,
-}
-
-impl Backend {
-    async fn embedded() -> Option<Self> {
-        Some(Self::embedded_with(|_| {}))
-    }
-
-    fn embedded_with(tune: impl FnOnce(&mut StoreConfig)) -> Self {
-        let (mut config, data_dir) = base_config();
-        config.store.backend = StoreBackend::Embedded;
-        tune(&mut config.store);
-        Self { config, _data_dir: data_dir, postgres: None }
-    }
-
-    /// `None` when `IOTHUBD_TEST_POSTGRES_URL` is unset; panics when it is set but unusable.
-    async fn postgres() -> Option<Self> {
-        let Ok(url) = std::env::var(POSTGRES_URL_VAR) else {
-            println!("{POSTGRES_URL_VAR} is not set: the PostgreSQL store was not tested");
-            return None;
-        };
-        let schema = format!("iothubd_test_{}", uuid::Uuid::new_v4().simple());
-        connect(&url)
-            .await
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap_or_else(|e| panic!("{POSTGRES_URL_VAR}: cannot create schema {schema}: {e:?}"));
-        let (mut config, data_dir) = base_config();
-        config.store.backend = StoreBackend::Postgres;
-        let separator = if url.contains('?') { '&' } else { '?' };
-        config.store.postgres_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
-        config.store.pool_size = 8;
-        Some(Self { config, _data_dir: data_dir, postgres: Some((url, schema)) })
-    }
-
-    /// Opens the store through `iothubd::store::open`, as the server does.
-    async fn open(&self) -> Arc<dyn Store> {
-        let store = iothubd::store::open(&self.config)
-            .await
-            .unwrap_or_else(|e| panic!("opening the {:?} store: {e:#}", self.config.store.backend));
-        let expected = match self.config.store.backend {
-            StoreBackend::Embedded => "embedded",
-            StoreBackend::Postgres => "postgres",
-        };
-        assert_eq!(store.backend(), expected);
-        store
-    }
-
-    /// Overwrites a device's stored document with something that is not an `Identity`.
-    async fn corrupt_identity(&self, hub: &str, device_id: &str) {
-        let set = "UPDATE identities SET doc = '{\"key\": 1}'";
-        match self.config.store.backend {
-            StoreBackend::Embedded => {
-                let db = rusqlite::Connection::open(self.config.data_dir.join(DATABASE_FILE)).expect("open the file");
-                db.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
-                let sql = format!("{set} WHERE hub = ?1 AND device_id = ?2 AND module_id = ''");
-                assert_eq!(db.execute(&sql, [hub, device_id]).expect("corrupt the row"), 1);
-            }
-            StoreBackend::Postgres => {
-                let db = connect(&self.config.store.postgres_url).await;
-                let sql = format!("{set} WHERE hub = $1 AND device_id = $2 AND module_id = ''");
-                assert_eq!(db.execute(&sql, &[&hub, &device_id]).await.expect("corrupt the row"), 1);
-            }
-        }
-    }
-
-    async fn finish(self) {
-        if let Some((url, schema)) = &self.postgres {
-            connect(url)
-                .await
-                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-                .await
-                .unwrap_or_else(|e| panic!("dropping schema {schema}: {e:?}"));
-        }
-    }
-}
-
-/// The compiled-in defaults with a fresh temporary data directory (no `IOTHUBD_*` overrides:
-/// the test's own variables must not reach the configuration).
-fn base_config() -> (Config, TempDir) {
-    let data_dir = tempfile::tempdir().expect("a temporary directory");
-    let mut config: Config = Figment::from(Toml::string(DEFAULT_TOML)).extract().expect("the default configuration");
-    config.data_dir = data_dir.path().to_owned();
-    (config, data_dir)
-}
-
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("{POSTGRES_URL_VAR} is set, but PostgreSQL cannot be reached with it: {e:?}"));
-    tokio::spawn(connection);
-    client
 }

@@ -1,0 +1,387 @@
+//! The single writer of the events log file (`events.db`): D2C telemetry's one durable write.
+//!
+//! Telemetry appends one event per MQTT PUBLISH from thousands of sessions at once, and each
+//! PUBACK waits for durability (DESIGN.md §3), so this thread commits whatever has queued up
+//! meanwhile in one transaction — one fsync for hundreds of events. It has a file and a queue
+//! of its own so that the firehose never delays registry writes, nor they it.
+//!
+//! Sequence numbers are assigned here, from per-partition counters held in memory (loaded at
+//! start) and persisted in `event_partitions` in the same transaction as the events. An append
+//! writes no savepoint: nothing in it can be refused once its hub is known to exist, so a
+//! failure is SQLite's and fails the whole batch — after which the counters are reloaded from
+//! the file, the only source of truth.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::Utc;
+use iothubd_actors::model::event::EventPosition;
+use iothubd_actors::store::StoreError;
+use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::event_log::{first_enqueued_at_or_after, first_retained};
+use crate::store::{EVENT_LOG_TABLES, EXPIRY_CHUNK, time_of};
+
+/// An event ready to store: its partition, body and encoded `meta`.
+pub(super) struct EncodedEvent {
+    pub partition: u32,
+    pub body: Vec<u8>,
+    pub meta: Vec<u8>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write to the log, as the `Store` methods of the same names describe it.
+pub(super) enum LogOp {
+    Append {
+        hub: String,
+        events: Vec<EncodedEvent>,
+        reply: Reply<Vec<EventPosition>>,
+    },
+    SetCheckpoint {
+        hub: String,
+        consumer_group: String,
+        partition: u32,
+        sequence_number: i64,
+        reply: Reply<()>,
+    },
+    /// Deletes up to [`EXPIRY_CHUNK`] events of the hub enqueued before `before_ms`; answers how
+    /// many.
+    ExpireChunk {
+        hub: String,
+        before_ms: i64,
+        reply: Reply<u64>,
+    },
+    /// Deletes everything of a hub that the registry no longer holds.
+    Purge {
+        hub: String,
+        reply: Reply<()>,
+    },
+}
+
+pub(super) enum Request {
+    Write(LogOp),
+    /// Stop accepting writes, commit what is queued, close the file, then answer.
+    Close(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// A write's answer, held until its batch has committed.
+enum Pending {
+    Positions(Reply<Vec<EventPosition>>, Result<Vec<EventPosition>, StoreError>),
+    Count(Reply<u64>, Result<u64, StoreError>),
+    Done(Reply<()>, Result<(), StoreError>),
+}
+
+impl Pending {
+    /// Answers the caller; with `failed`, the batch did not commit and the answer is that error.
+    fn send(self, failed: Option<&StoreError>) {
+        // A caller that gave up waiting no longer needs the answer; the write stands.
+        match self {
+            Self::Positions(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
+            Self::Count(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
+            Self::Done(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
+        }
+    }
+}
+
+/// What one op answers: the outer error is SQLite's and loses the whole batch, the inner one a
+/// refusal decided here.
+type Applied<T> = rusqlite::Result<Result<T, StoreError>>;
+
+/// A partition's counters, as in its `event_partitions` row.
+#[derive(Clone, Copy, Default)]
+struct Counter {
+    next_sequence: i64,
+    last_enqueued_ms: i64,
+    /// Changed by the current batch, so its row must be written.
+    dirty: bool,
+}
+
+pub(super) struct LogWriter {
+    conn: Connection,
+    state: LogState,
+}
+
+/// Everything the writer keeps besides its connection (a separate struct so that it can be
+/// changed while a transaction borrows the connection).
+struct LogState {
+    /// Read-only connection to the registry file, to check that a hub exists.
+    registry: Connection,
+    /// Hubs seen to exist; a hub leaves only through `Purge`, which follows its deletion.
+    known_hubs: HashSet<String>,
+    counters: HashMap<String, HashMap<u32, Counter>>,
+    /// The partitions whose counters the current batch changed.
+    dirty: Vec<(String, u32)>,
+}
+
+const INSERT_EVENT: &str = "INSERT INTO events (hub, partition_id, sequence_number, enqueued_ms, body, meta)
+                            VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+impl LogWriter {
+    /// Takes the open connections, purges what belongs to hubs deleted while a purge was
+    /// pending (a crash between the registry delete and the purge), and loads the counters.
+    pub(super) fn new(mut conn: Connection, registry: Connection) -> anyhow::Result<Self> {
+        let hubs: HashSet<String> =
+            registry.prepare("SELECT name FROM hubs")?.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        let logged: Vec<String> = conn
+            .prepare("SELECT hub FROM event_partitions UNION SELECT hub FROM event_checkpoints")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        let orphans: Vec<String> = logged.into_iter().filter(|hub| !hubs.contains(hub)).collect();
+        if !orphans.is_empty() {
+            tracing::warn!(hubs = ?orphans, "purging the events of hubs deleted before the last shutdown");
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for hub in &orphans {
+                purge(&tx, hub)?;
+            }
+            tx.commit()?;
+        }
+        let counters = load_counters(&conn)?;
+        Ok(Self { conn, state: LogState { registry, known_hubs: hubs, counters, dirty: Vec::new() } })
+    }
+
+    pub(super) fn run(mut self, mut requests: mpsc::Receiver<Request>, max_batch: usize) {
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut close_waiters = Vec::new();
+        // Returns 0 only once the queue is closed and empty: writes queued before a `Close`
+        // still commit.
+        while requests.blocking_recv_many(&mut batch, max_batch) > 0 {
+            let mut ops = Vec::with_capacity(batch.len());
+            for request in batch.drain(..) {
+                match request {
+                    Request::Write(op) => ops.push(op),
+                    Request::Close(reply) => {
+                        requests.close();
+                        close_waiters.push(reply);
+                    }
+                }
+            }
+            if !ops.is_empty() {
+                self.commit_batch(ops);
+            }
+        }
+        let closed = self.conn.close().map_err(|(_, e)| StoreError::Unavailable(e.to_string()));
+        for waiter in close_waiters {
+            let _ = waiter.send(closed.clone());
+        }
+    }
+
+    fn commit_batch(&mut self, ops: Vec<LogOp>) {
+        let mut answers = Vec::with_capacity(ops.len());
+        let failure = self.apply_all(ops, &mut answers).err().map(|e| {
+            tracing::error!(error = %e, writes = answers.len(), "events log commit failed");
+            // The counters moved for events that were not written: back to the file's.
+            match load_counters(&self.conn) {
+                Ok(counters) => self.state.counters = counters,
+                Err(e) => tracing::error!(error = %e, "reloading the events log counters failed"),
+            }
+            self.state.dirty.clear();
+            StoreError::Unavailable(e.to_string())
+        });
+        for answer in answers {
+            answer.send(failure.as_ref());
+        }
+    }
+
+    /// Applies every op in one transaction. Each op leaves its answer in `answers`; they stand
+    /// only if this returns `Ok` (the transaction committed).
+    fn apply_all(&mut self, ops: Vec<LogOp>, answers: &mut Vec<Pending>) -> rusqlite::Result<()> {
+        let now_ms = Utc::now().timestamp_millis();
+        let state = &mut self.state;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+            let mut failure = None;
+            for op in ops {
+                // Once the batch is lost, the remaining ops are only answered (with the failure).
+                let answer = match op {
+                    LogOp::Append { hub, events, reply } => {
+                        let applied = unless_failed(&failure, || state.append(&mut insert, &hub, events, now_ms));
+                        Pending::Positions(reply, settled(applied, &mut failure))
+                    }
+                    LogOp::SetCheckpoint { hub, consumer_group, partition, sequence_number, reply } => {
+                        let applied = unless_failed(&failure, || {
+                            state.set_checkpoint(&tx, &hub, &consumer_group, partition, sequence_number)
+                        });
+                        Pending::Done(reply, settled(applied, &mut failure))
+                    }
+                    LogOp::ExpireChunk { hub, before_ms, reply } => {
+                        let applied = unless_failed(&failure, || state.expire_chunk(&tx, &hub, before_ms));
+                        Pending::Count(reply, settled(applied, &mut failure))
+                    }
+                    LogOp::Purge { hub, reply } => {
+                        let applied = unless_failed(&failure, || {
+                            state.known_hubs.remove(&hub);
+                            state.counters.remove(&hub);
+                            purge(&tx, &hub).map(Ok)
+                        });
+                        Pending::Done(reply, settled(applied, &mut failure))
+                    }
+                };
+                answers.push(answer);
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            state.persist_counters(&tx)?;
+        }
+        tx.commit()
+    }
+}
+
+/// Runs `op` unless the batch is already lost.
+fn unless_failed<T>(failure: &Option<rusqlite::Error>, op: impl FnOnce() -> Applied<T>) -> Option<Applied<T>> {
+    failure.is_none().then(op)
+}
+
+/// The caller's answer to an op; a SQLite error becomes the batch's failure. When the batch is
+/// lost (here or earlier) the answer given is replaced with that failure anyway.
+fn settled<T>(applied: Option<Applied<T>>, failure: &mut Option<rusqlite::Error>) -> Result<T, StoreError> {
+    match applied {
+        Some(Ok(outcome)) => outcome,
+        Some(Err(e)) => {
+            let answer = Err(StoreError::Unavailable(e.to_string()));
+            *failure = Some(e);
+            answer
+        }
+        None => Err(StoreError::Unavailable("the batch failed".into())),
+    }
+}
+
+impl LogState {
+    fn append(
+        &mut self,
+        insert: &mut Statement<'_>,
+        hub: &str,
+        events: Vec<EncodedEvent>,
+        now_ms: i64,
+    ) -> Applied<Vec<EventPosition>> {
+        if !self.hub_exists(hub)? {
+            return Ok(Err(StoreError::NotFound));
+        }
+        let partitions = self.counters.entry(hub.to_owned()).or_default();
+        let mut positions = Vec::with_capacity(events.len());
+        for event in events {
+            let counter = partitions.entry(event.partition).or_default();
+            // Never earlier than the partition's last event, so that time order follows
+            // sequence order even if the clock steps back.
+            let enqueued_ms = now_ms.max(counter.last_enqueued_ms);
+            let sequence_number = counter.next_sequence;
+            insert.execute(params![hub, event.partition, sequence_number, enqueued_ms, event.body, event.meta])?;
+            counter.next_sequence += 1;
+            counter.last_enqueued_ms = enqueued_ms;
+            if !counter.dirty {
+                counter.dirty = true;
+                self.dirty.push((hub.to_owned(), event.partition));
+            }
+            positions.push(EventPosition {
+                partition: event.partition,
+                sequence_number,
+                enqueued_time: time_of(enqueued_ms),
+            });
+        }
+        Ok(Ok(positions))
+    }
+
+    /// Writes the counter rows the batch changed.
+    fn persist_counters(&mut self, db: &Connection) -> rusqlite::Result<()> {
+        let mut upsert = db.prepare_cached(
+            "INSERT INTO event_partitions (hub, partition_id, next_sequence, last_enqueued_ms)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (hub, partition_id)
+             DO UPDATE SET next_sequence = excluded.next_sequence, last_enqueued_ms = excluded.last_enqueued_ms",
+        )?;
+        for (hub, partition) in self.dirty.drain(..) {
+            // A partition purged after its append in the same batch has no counter left.
+            let Some(counter) = self.counters.get_mut(&hub).and_then(|c| c.get_mut(&partition)) else {
+                continue;
+            };
+            counter.dirty = false;
+            upsert.execute(params![hub, partition, counter.next_sequence, counter.last_enqueued_ms])?;
+        }
+        Ok(())
+    }
+
+    fn set_checkpoint(
+        &mut self,
+        db: &Connection,
+        hub: &str,
+        consumer_group: &str,
+        partition: u32,
+        sequence_number: i64,
+    ) -> Applied<()> {
+        if !self.hub_exists(hub)? {
+            return Ok(Err(StoreError::NotFound));
+        }
+        db.prepare_cached(
+            "INSERT INTO event_checkpoints (hub, consumer_group, partition_id, sequence_number)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (hub, consumer_group, partition_id) DO UPDATE SET sequence_number = excluded.sequence_number",
+        )?
+        .execute(params![hub, consumer_group, partition, sequence_number])?;
+        Ok(Ok(()))
+    }
+
+    /// Deletes, partition after partition, the oldest events enqueued before `before_ms`, at
+    /// most [`EXPIRY_CHUNK`] in all.
+    fn expire_chunk(&mut self, db: &Connection, hub: &str, before_ms: i64) -> Applied<u64> {
+        let partitions: Vec<u32> = self.counters.get(hub).map(|c| c.keys().copied().collect()).unwrap_or_default();
+        let mut budget = EXPIRY_CHUNK;
+        let mut deleted = 0;
+        for partition in partitions {
+            if budget == 0 {
+                break;
+            }
+            let Some(first) = first_retained(db, hub, partition)? else { continue };
+            let Some(cut) = first_enqueued_at_or_after(db, hub, partition, before_ms)? else { continue };
+            let end = cut.min(first + budget);
+            if end <= first {
+                continue;
+            }
+            let removed = db
+                .prepare_cached(
+                    "DELETE FROM events
+                     WHERE hub = ?1 AND partition_id = ?2 AND sequence_number >= ?3 AND sequence_number < ?4",
+                )?
+                .execute(params![hub, partition, first, end])?;
+            let removed = i64::try_from(removed).unwrap_or(budget);
+            budget -= removed.min(budget);
+            deleted += removed.unsigned_abs();
+        }
+        Ok(Ok(deleted))
+    }
+
+    fn hub_exists(&mut self, hub: &str) -> rusqlite::Result<bool> {
+        if self.known_hubs.contains(hub) {
+            return Ok(true);
+        }
+        let exists = self
+            .registry
+            .prepare_cached("SELECT 1 FROM hubs WHERE name = ?1")?
+            .query_row([hub], |_| Ok(()))
+            .optional()?;
+        if exists.is_some() {
+            self.known_hubs.insert(hub.to_owned());
+        }
+        Ok(exists.is_some())
+    }
+}
+
+/// Deletes every row of a hub from the log's tables.
+fn purge(db: &Connection, hub: &str) -> rusqlite::Result<()> {
+    for table in EVENT_LOG_TABLES {
+        db.prepare_cached(&format!("DELETE FROM {table} WHERE hub = ?1"))?.execute([hub])?;
+    }
+    Ok(())
+}
+
+fn load_counters(db: &Connection) -> rusqlite::Result<HashMap<String, HashMap<u32, Counter>>> {
+    let mut counters: HashMap<String, HashMap<u32, Counter>> = HashMap::new();
+    let mut stmt = db.prepare("SELECT hub, partition_id, next_sequence, last_enqueued_ms FROM event_partitions")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let counter = Counter { next_sequence: row.get(2)?, last_enqueued_ms: row.get(3)?, dirty: false };
+        counters.entry(row.get(0)?).or_default().insert(row.get(1)?, counter);
+    }
+    Ok(counters)
+}
