@@ -1,5 +1,5 @@
 //! The command line: `iothubd serve` runs the hub; `iothubd hub …` manages hubs through the
-//! operator API of a running hub.
+//! operator API of a running hub; `iothubd monitor-events` prints a hub's events.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,6 +26,8 @@ enum Command {
     Serve(ServeArgs),
     /// Manage the hubs of a running iothubd through its operator API.
     Hub(HubArgs),
+    /// Print a hub's device-to-cloud events as they arrive (like `az iot hub monitor-events`).
+    MonitorEvents(crate::monitor::MonitorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +111,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Hub(args) => hub(args),
+        Command::MonitorEvents(args) => crate::monitor::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,6 +167,12 @@ fn print_banner(info: &server::StartupInfo, data_dir: &Path, key_file: Option<&P
         println!("  note: {why}");
     }
     println!("  HTTPS     https://{}  (service REST, operator API, /health, /metrics)", info.https);
+    if let Some(a) = info.mqtts {
+        println!("  MQTTS     mqtts://{a}  (devices; MQTT 3.1.1 over TLS)");
+    }
+    if let Some(a) = info.mqtt_plain {
+        println!("  MQTT      mqtt://{a}  (plain, development only)");
+    }
     if let Some(a) = info.http_plain {
         println!("  HTTP      http://{a}  (plain, development only)");
     }

@@ -34,11 +34,11 @@ fn apply_configured_keys(hub: &mut HubDescription, cfg: &DefaultHubConfig) -> bo
         if key.is_empty() {
             continue;
         }
-        if let Some(p) = hub.properties.authorization_policies.iter_mut().find(|p| p.key_name == policy) {
-            if p.primary_key != *key {
-                p.primary_key = key.clone();
-                changed = true;
-            }
+        if let Some(p) = hub.properties.authorization_policies.iter_mut().find(|p| p.key_name == policy)
+            && p.primary_key != *key
+        {
+            p.primary_key = key.clone();
+            changed = true;
         }
     }
     changed

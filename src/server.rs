@@ -1,5 +1,5 @@
 //! Boots the hub: the actix System (one Arbiter per core, actors, actix-web) on one thread and
-//! the ntex System (the MQTT and AMQP servers) on another (DESIGN.md §1, §10).
+//! the ntex System (the MQTT listeners; AMQP next) on another (DESIGN.md §1, §10).
 //!
 //! [`start`] returns once every listener is bound; [`Server::shutdown`] stops accepting,
 //! finishes in-flight requests, stops the actors and closes (flushes) the store.
@@ -14,17 +14,21 @@ use actix_web::middleware::{NormalizePath, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, anyhow};
 use iothubd_actors::deployment::Deployment;
+use iothubd_actors::ingest::Ingest;
 use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::http::{self, AppState, observe};
-use crate::{hubs, store, tls};
+use crate::mqtt::connect::MqttContext;
+use crate::{hubs, mqtt, store, tls};
 
 /// What a started hub tells its operator.
 #[derive(Debug, Clone)]
 pub struct StartupInfo {
     pub https: SocketAddr,
     pub http_plain: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
+    pub mqtt_plain: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     /// The dev CA clients must trust, when iothubd issued the certificate.
     pub ca_file: Option<PathBuf>,
@@ -39,12 +43,17 @@ pub struct StartupInfo {
 /// A running hub.
 pub struct Server {
     pub info: StartupInfo,
+    deployment: Deployment,
     stop: Option<oneshot::Sender<()>>,
     actix: Option<JoinHandle<anyhow::Result<()>>>,
-    ntex: Option<(ntex::rt::System, JoinHandle<()>)>,
 }
 
 impl Server {
+    /// The hubs of this process (tests reach the store and the live actors through it).
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
     /// Graceful stop: stop accepting, finish in-flight requests, flush the store.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
         self.stop_all()
@@ -53,10 +62,6 @@ impl Server {
     fn stop_all(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
-        }
-        if let Some((system, thread)) = self.ntex.take() {
-            system.stop();
-            let _ = thread.join();
         }
         match self.actix.take() {
             Some(thread) => thread.join().map_err(|_| anyhow!("the actix thread panicked"))?,
@@ -75,7 +80,6 @@ impl Drop for Server {
 pub fn start(cfg: Config) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
-    let ntex = start_ntex()?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let actix = std::thread::Builder::new().name("iothubd-actix".into()).spawn(move || {
@@ -88,29 +92,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         result
     })?;
     match ready_rx.recv() {
-        Ok(Ok(info)) => Ok(Server { info, stop: Some(stop_tx), actix: Some(actix), ntex: Some(ntex) }),
+        Ok(Ok((info, deployment))) => Ok(Server { info, deployment, stop: Some(stop_tx), actix: Some(actix) }),
         Ok(Err(e)) => {
-            ntex.0.stop();
-            let _ = ntex.1.join();
             let _ = actix.join();
             Err(e)
         }
         Err(_) => Err(anyhow!("the hub stopped while starting")),
     }
-}
-
-/// The ntex System thread; the MQTT and AMQP servers run on it.
-fn start_ntex() -> anyhow::Result<(ntex::rt::System, JoinHandle<()>)> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new().name("iothubd-ntex".into()).spawn(move || {
-        let runner = ntex::rt::System::build().name("iothubd-ntex").disable_signals().build(ntex::rt::DefaultRuntime);
-        let _ = runner.run(move || {
-            let _ = tx.send(ntex::rt::System::current());
-            Ok(())
-        });
-    })?;
-    let system = rx.recv().map_err(|_| anyhow!("the ntex runtime failed to start"))?;
-    Ok((system, thread))
 }
 
 /// Binds `port`, or — when that is not permitted (a privileged port, unprivileged user) —
@@ -144,7 +132,7 @@ fn bind_optional(addr: std::net::IpAddr, port: u16, what: &str) -> anyhow::Resul
 
 async fn run(
     cfg: Config,
-    ready: std::sync::mpsc::Sender<anyhow::Result<StartupInfo>>,
+    ready: std::sync::mpsc::Sender<anyhow::Result<(StartupInfo, Deployment)>>,
     stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let store = store::open(&cfg).await.context("cannot open the store")?;
@@ -161,12 +149,25 @@ async fn run(
         Arc::new(move |host| directory_view.directory().is_hub_host(host));
     let tls = tls::setup(&cfg.tls, &cfg.data_dir, is_hub_host)?;
 
+    // MQTT on the ntex System (DESIGN.md §1): TLS always, plain only when configured.
+    let mqtts = TcpListener::bind((cfg.listen.address, cfg.ports.mqtts))
+        .with_context(|| format!("cannot bind MQTTS port {}", cfg.ports.mqtts))?;
+    let mqtts_addr = mqtts.local_addr()?;
+    let mqtt_plain = bind_optional(cfg.listen.address, cfg.ports.mqtt_plain, "plain MQTT")?;
+    let mqtt_plain_addr = mqtt_plain.as_ref().map(TcpListener::local_addr).transpose()?;
+    let mqtt_ctx = Arc::new(MqttContext::new(deployment.clone(), Ingest::new(store.clone())));
+    // WebSocket sessions on the HTTPS port are bridged to this loopback-only listener.
+    let bridge = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("cannot bind the MQTT bridge")?;
+    let bridge_addr = bridge.local_addr()?;
+    let mqtt = mqtt::server::start(mqtt_ctx, (mqtts, tls.server_config.clone()), mqtt_plain, bridge, cores)?;
+
     let ready_flag = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
         deployment: deployment.clone(),
         operator_key: operator_key.clone(),
         ready: ready_flag.clone(),
         metrics: observe::prometheus(),
+        mqtt_bridge: bridge_addr,
     });
     let app_state = state.clone();
     let app = move || {
@@ -215,6 +216,8 @@ async fn run(
     let info = StartupInfo {
         https: https_addr,
         http_plain: plain_addr,
+        mqtts: Some(mqtts_addr),
+        mqtt_plain: mqtt_plain_addr,
         metrics: metrics_addr,
         ca_file: tls.ca_file.clone(),
         https_fallback_reason,
@@ -222,11 +225,13 @@ async fn run(
         operator_key,
         store_backend: store.backend(),
     };
-    let _ = ready.send(Ok(info));
+    let _ = ready.send(Ok((info, deployment.clone())));
 
     // A dropped sender (the `Server` value gone) also means stop.
     let _ = stop.await;
     ready_flag.store(false, Ordering::Release);
+    // Device sessions first (they stop acknowledging), then HTTPS finishes in-flight requests.
+    mqtt.stop();
     handle.stop(true).await;
     if let Some(h) = metrics_handle {
         h.stop(true).await;

@@ -133,11 +133,9 @@ async fn identities_export_and_import_as_json_lines() {
         .text()
         .await
         .unwrap();
-    assert!(
-        keyless.lines().all(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["authentication"]["symmetricKey"]["primaryKey"].is_null()
-        })
-    );
+    assert!(keyless.lines().all(|l| {
+        serde_json::from_str::<Value>(l).unwrap()["authentication"]["symmetricKey"]["primaryKey"].is_null()
+    }));
 
     // Import into a fresh hub: the same identities, with the same keys.
     let other = unique_hub_name();

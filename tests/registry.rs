@@ -310,3 +310,47 @@ async fn health_and_metrics_answer() {
     assert!(text.contains("iothubd_http_requests_total"), "{text}");
     assert!(text.contains("route=\"/devices/{id}\""), "{text}");
 }
+
+#[tokio::test]
+async fn bulk_import_writes_tags_and_desired_into_twins() {
+    let hub = start();
+    let items = json!([
+        { "id": "t1", "importMode": "create", "tags": { "site": "A" }, "properties": { "desired": { "freq": 5 } } },
+        { "id": "t2" },
+    ]);
+    let r = hub.owner(Method::POST, "/devices").json(&items).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let store = hub.server.deployment().store().clone();
+    let key = |id: &str| iothubd_actors::model::identity::IdentityKey::device(id);
+    let t1 = store.get_twin(&hub.name, &key("t1")).await.unwrap().expect("twin written on create");
+    assert_eq!(t1.tags()["site"], "A");
+    assert_eq!(t1.desired()["freq"], 5);
+
+    // updateTwin merges; updateTwinIfMatchETag checks twinETag.
+    let items = json!([
+        { "id": "t1", "importMode": "updateTwin", "tags": { "floor": 2 } },
+        { "id": "t2", "importMode": "UpdateTwinIfMatchETag", "twinETag": "stale", "tags": { "x": 1 } },
+        { "id": "t2", "moduleId": "nope", "importMode": "updateTwin", "tags": { "x": 1 } },
+    ]);
+    let r = hub.owner(Method::POST, "/devices").json(&items).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let report = body(r).await;
+    let codes: Vec<&str> =
+        report["errors"].as_array().unwrap().iter().map(|e| e["errorCode"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["PreconditionFailed", "ModuleNotFound"]);
+    let t1 = store.get_twin(&hub.name, &key("t1")).await.unwrap().unwrap();
+    assert_eq!((t1.tags()["site"].as_str(), t1.tags()["floor"].as_i64()), (Some("A"), Some(2)));
+    assert!(store.get_twin(&hub.name, &key("t2")).await.unwrap().is_none(), "a refused twin update writes nothing");
+
+    let etag = t1.etag();
+    let items = json!([{ "id": "t1", "importMode": "updateTwinIfMatchETag", "twinETag": etag, "properties": { "desired": { "freq": null } } }]);
+    let r = hub.owner(Method::POST, "/devices").json(&items).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let t1 = store.get_twin(&hub.name, &key("t1")).await.unwrap().unwrap();
+    assert!(t1.desired().get("freq").is_none());
+
+    let items = json!([{ "id": "t2", "importMode": "updateTwin", "tags": { "bad.key": 1 } }]);
+    let r = hub.owner(Method::POST, "/devices").json(&items).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(body(r).await["errors"][0]["errorCode"], "ArgumentInvalid");
+}

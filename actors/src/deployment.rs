@@ -4,13 +4,11 @@
 //! arbiter chosen by hash of the hub name, and carries out the operator API's hub lifecycle:
 //! create, update, delete (which deletes the hub's data).
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use actix::{ArbiterHandle, Supervisor};
 
-use crate::directory::{HubDirectory, HubHandle, HubShared};
+use crate::directory::{HubDirectory, HubHandle, HubShared, arbiter_for};
 use crate::hub::HubActor;
 use crate::messages::{StopHub, UpdateHubSettings};
 use crate::model::hub::{HubDescription, HubError};
@@ -53,13 +51,14 @@ pub struct Deployment {
 struct Inner {
     store: Arc<dyn Store>,
     directory: HubDirectory,
-    arbiters: Vec<ArbiterHandle>,
+    arbiters: Arc<[ArbiterHandle]>,
 }
 
 impl Deployment {
     /// Loads every stored hub and starts its actor. Must run inside the actix System.
     pub async fn start(store: Arc<dyn Store>, arbiters: Vec<ArbiterHandle>) -> Result<Self, StoreError> {
-        let deployment = Self { inner: Arc::new(Inner { store, directory: HubDirectory::default(), arbiters }) };
+        let inner = Inner { store, directory: HubDirectory::default(), arbiters: arbiters.into() };
+        let deployment = Self { inner: Arc::new(inner) };
         for hub in deployment.inner.store.list_hubs().await? {
             deployment.spawn(hub);
         }
@@ -75,26 +74,16 @@ impl Deployment {
     }
 
     fn spawn(&self, description: HubDescription) -> HubHandle {
-        let shared = Arc::new(HubShared::new(description));
+        let shared = Arc::new(HubShared::new(description, self.inner.arbiters.clone()));
         let store = self.inner.store.clone();
         let actor_shared = shared.clone();
-        let addr = match self.arbiter_for(shared.name()) {
+        let addr = match arbiter_for(&self.inner.arbiters, shared.name()) {
             Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, move |_| HubActor::new(actor_shared, store)),
             None => Supervisor::start(move |_| HubActor::new(actor_shared, store)),
         };
         let handle = HubHandle { shared, addr };
         self.inner.directory.insert(handle.clone());
         handle
-    }
-
-    fn arbiter_for(&self, key: &str) -> Option<ArbiterHandle> {
-        let arbiters = &self.inner.arbiters;
-        if arbiters.is_empty() {
-            return None;
-        }
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        Some(arbiters[(h.finish() % arbiters.len() as u64) as usize].clone())
     }
 
     /// Creates a hub (defaults filled, limits checked) and starts its actor.

@@ -7,22 +7,96 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use actix::Addr;
+use actix::{Actor, Addr, ArbiterHandle, Supervisor};
 use dashmap::DashMap;
+use tokio::sync::watch;
 
+use crate::device::DeviceActor;
 use crate::hub::HubActor;
 use crate::model::hub::HubDescription;
+use crate::model::identity::IdentityKey;
 
-/// What everyone may read about a hub without asking its actor.
+/// What everyone may read about a hub without asking its actor, and where its live device
+/// actors are.
 pub struct HubShared {
     name: String,
     description: RwLock<Arc<HubDescription>>,
     connected: AtomicU64,
+    devices: DashMap<IdentityKey, Addr<DeviceActor>>,
+    arbiters: Arc<[ArbiterHandle]>,
+    /// Bumped after every append to the hub's events log; readers wait on it.
+    events_appended: watch::Sender<u64>,
 }
 
 impl HubShared {
-    pub fn new(description: HubDescription) -> Self {
-        Self { name: description.name.clone(), description: RwLock::new(Arc::new(description)), connected: 0.into() }
+    pub fn new(description: HubDescription, arbiters: Arc<[ArbiterHandle]>) -> Self {
+        Self {
+            name: description.name.clone(),
+            description: RwLock::new(Arc::new(description)),
+            connected: 0.into(),
+            devices: DashMap::new(),
+            arbiters,
+            events_appended: watch::channel(0).0,
+        }
+    }
+
+    /// The identity's actor, started (on the arbiter its key hashes to) when not live.
+    pub fn device(self: &Arc<Self>, key: &IdentityKey) -> Addr<DeviceActor> {
+        if let Some(addr) = self.devices.get(key).filter(|a| a.connected()) {
+            return addr.clone();
+        }
+        self.devices
+            .entry(key.clone())
+            .and_modify(|addr| {
+                if !addr.connected() {
+                    *addr = self.start_device(key);
+                }
+            })
+            .or_insert_with(|| self.start_device(key))
+            .clone()
+    }
+
+    fn start_device(self: &Arc<Self>, key: &IdentityKey) -> Addr<DeviceActor> {
+        let (hub, actor_key) = (self.clone(), key.clone());
+        let make = move |_: &mut actix::Context<DeviceActor>| DeviceActor::new(hub, actor_key);
+        match arbiter_for(&self.arbiters, key) {
+            Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, make),
+            None => DeviceActor::create(make),
+        }
+    }
+
+    /// The identity's actor if it is live (no activation).
+    pub fn live_device(&self, key: &IdentityKey) -> Option<Addr<DeviceActor>> {
+        self.devices.get(key).map(|a| a.clone()).filter(Addr::connected)
+    }
+
+    /// Live actors of the modules of `device_id`.
+    pub fn live_modules_of(&self, device_id: &str) -> Vec<Addr<DeviceActor>> {
+        self.devices
+            .iter()
+            .filter(|e| e.key().is_module() && e.key().device_id == device_id)
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
+    /// Called by a stopping device actor: forget it, unless a newer actor took its place.
+    pub(crate) fn forget_device(&self, key: &IdentityKey, addr: &Addr<DeviceActor>) {
+        self.devices.remove_if(key, |_, live| live == addr);
+    }
+
+    /// Live device actors (for tests and metrics).
+    pub fn live_device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Tells readers of the events log that something was appended.
+    pub fn signal_events_appended(&self) {
+        self.events_appended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever events are appended to the hub's log.
+    pub fn watch_events(&self) -> watch::Receiver<u64> {
+        self.events_appended.subscribe()
     }
 
     pub fn name(&self) -> &str {
@@ -57,6 +131,17 @@ impl HubShared {
     pub fn session_detached(&self) {
         self.connected.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The arbiter an actor with `key` lives on: a stable spread over the System's arbiters.
+pub fn arbiter_for<K: std::hash::Hash + ?Sized>(arbiters: &[ArbiterHandle], key: &K) -> Option<ArbiterHandle> {
+    use std::hash::Hasher;
+    if arbiters.is_empty() {
+        return None;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    Some(arbiters[(h.finish() % arbiters.len() as u64) as usize].clone())
 }
 
 /// A live hub: its shared snapshot and its actor.

@@ -10,11 +10,15 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::directory::HubShared;
-use crate::import::{ImportItem, ImportMode};
-use crate::messages::{ImportIdentities, RegistryError, RegistryWrite, StopHub, UpdateHubSettings};
+use crate::import::{ImportItem, ImportMode, TwinImport};
+use crate::messages::{
+    ImportIdentities, RegistryError, RegistryWrite, RevokeSession, SetCheckpoint, StopHub, UpdateHubSettings,
+};
 use crate::model::hub::HubDescription;
 use crate::model::identity::{Identity, IdentityKey, new_etag};
+use crate::model::twin::Twin;
 use crate::store::{Store, StoreError};
+use chrono::Utc;
 
 pub struct HubActor {
     shared: Arc<HubShared>,
@@ -49,11 +53,33 @@ fn condition(if_match: &Option<String>) -> Option<&str> {
     if_match.as_deref().filter(|e| *e != "*")
 }
 
-async fn write(store: Arc<dyn Store>, hub: String, msg: RegistryWrite) -> Result<Identity, RegistryError> {
+/// Tells live sessions of `key` (and, for a device, of its modules) that they lost access.
+fn revoke_sessions(hub: &HubShared, key: &IdentityKey) {
+    if let Some(actor) = hub.live_device(key) {
+        actor.do_send(RevokeSession);
+    }
+    if !key.is_module() {
+        for module in hub.live_modules_of(&key.device_id) {
+            module.do_send(RevokeSession);
+        }
+    }
+}
+
+/// One registry write, then the consequences for live sessions.
+async fn write(store: Arc<dyn Store>, shared: Arc<HubShared>, msg: RegistryWrite) -> Result<Identity, RegistryError> {
+    let deleting = matches!(msg, RegistryWrite::Delete { .. });
+    let written = write_to_store(&*store, shared.name(), msg).await?;
+    if deleting || !written.is_enabled() {
+        revoke_sessions(&shared, &written.key);
+    }
+    Ok(written)
+}
+
+async fn write_to_store(store: &dyn Store, hub: &str, msg: RegistryWrite) -> Result<Identity, RegistryError> {
     match msg {
         RegistryWrite::Create { key, spec } => {
             let identity = Identity::create(key.clone(), spec)?;
-            store.create_identity(&hub, &identity).await.map_err(|e| match e {
+            store.create_identity(hub, &identity).await.map_err(|e| match e {
                 // Creating a module: "not found" is about its device.
                 StoreError::NotFound => RegistryError::NotFound(IdentityKey::device(key.device_id.clone())),
                 other => store_error(&key, other),
@@ -62,7 +88,7 @@ async fn write(store: Arc<dyn Store>, hub: String, msg: RegistryWrite) -> Result
         }
         RegistryWrite::Replace { key, spec, if_match } => {
             let current = store
-                .get_identity(&hub, &key)
+                .get_identity(hub, &key)
                 .await
                 .map_err(RegistryError::Store)?
                 .ok_or_else(|| RegistryError::NotFound(key.clone()))?;
@@ -72,23 +98,25 @@ async fn write(store: Arc<dyn Store>, hub: String, msg: RegistryWrite) -> Result
             let next = current.replaced(spec)?;
             // Guard on the ETag we read, so a concurrent writer between the read and this
             // write makes this one fail instead of being silently overwritten.
-            store.replace_identity(&hub, &next, Some(&current.etag)).await.map_err(|e| store_error(&key, e))?;
+            store.replace_identity(hub, &next, Some(&current.etag)).await.map_err(|e| store_error(&key, e))?;
             Ok(next)
         }
         RegistryWrite::Delete { key, if_match } => {
-            store.delete_identity(&hub, &key, condition(&if_match)).await.map_err(|e| store_error(&key, e))
+            store.delete_identity(hub, &key, condition(&if_match)).await.map_err(|e| store_error(&key, e))
         }
     }
 }
 
 /// One import item as registry writes (service-api §3, bulk import modes).
-async fn import_one(store: Arc<dyn Store>, hub: String, item: ImportItem) -> Result<(), RegistryError> {
+async fn import_one(store: Arc<dyn Store>, shared: Arc<HubShared>, item: ImportItem) -> Result<(), RegistryError> {
     use ImportMode as M;
-    let ImportItem { key, mode, etag, spec } = item;
+    let ImportItem { key, mode, etag, spec, twin } = item;
     if mode.matches_etag() && etag.is_none() {
         return Err(RegistryError::ETagRequired(key));
     }
     let checked = if mode.matches_etag() { etag } else { None };
+    let hub = shared.clone();
+    let store_for_twin = store.clone();
     let written = match mode {
         M::Create => write(store, hub, RegistryWrite::Create { key, spec }).await,
         M::Update | M::UpdateIfMatchETag => {
@@ -105,10 +133,44 @@ async fn import_one(store: Arc<dyn Store>, hub: String, item: ImportItem) -> Res
         }
         M::Delete | M::DeleteIfMatchETag => write(store, hub, RegistryWrite::Delete { key, if_match: checked }).await,
         M::UpdateTwin | M::UpdateTwinIfMatchETag => {
-            Err(RegistryError::UnsupportedImportMode { key, mode: mode.name() })
+            let twin_etag = match (mode, twin.etag.clone()) {
+                (M::UpdateTwinIfMatchETag, None) => return Err(RegistryError::TwinETagRequired(key)),
+                (M::UpdateTwinIfMatchETag, etag) => etag,
+                _ => None,
+            };
+            return patch_twin(&*store_for_twin, shared.name(), &key, twin, twin_etag.as_deref()).await;
         }
     };
-    written.map(|_| ())
+    let written = written?;
+    if !twin.is_empty() && !matches!(mode, M::Delete | M::DeleteIfMatchETag) {
+        patch_twin(&*store_for_twin, shared.name(), &written.key, twin, None).await?;
+    }
+    Ok(())
+}
+
+/// Applies an import item's twin content as a twin PATCH, guarded by the stored version (and
+/// by `twinETag` when given). The twin issue moves twin writes into the `DeviceActor`.
+async fn patch_twin(
+    store: &dyn Store,
+    hub: &str,
+    key: &IdentityKey,
+    content: TwinImport,
+    twin_etag: Option<&str>,
+) -> Result<(), RegistryError> {
+    let identity = store
+        .get_identity(hub, key)
+        .await
+        .map_err(RegistryError::Store)?
+        .ok_or_else(|| RegistryError::NotFound(key.clone()))?;
+    let stored = store.get_twin(hub, key).await.map_err(|e| store_error(key, e))?;
+    let expected_version = stored.as_ref().map(Twin::version);
+    let mut twin = stored.unwrap_or_else(|| Twin::new(identity.created_time));
+    if twin_etag.is_some_and(|etag| etag != "*" && etag != twin.etag()) {
+        return Err(RegistryError::PreconditionFailed(key.clone()));
+    }
+    twin.patch(content.tags, content.desired, Utc::now())
+        .map_err(|e| RegistryError::InvalidTwin { key: key.clone(), reason: e.to_string() })?;
+    store.replace_twin(hub, key, &twin, expected_version).await.map_err(|e| store_error(key, e))
 }
 
 impl Handler<ImportIdentities> for HubActor {
@@ -116,7 +178,7 @@ impl Handler<ImportIdentities> for HubActor {
 
     fn handle(&mut self, msg: ImportIdentities, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
-        let hub = self.shared.name().to_owned();
+        let shared = self.shared.clone();
         let stopping = self.stopping;
         Box::pin(async move {
             let mut results = Vec::with_capacity(msg.0.len());
@@ -124,7 +186,7 @@ impl Handler<ImportIdentities> for HubActor {
                 results.push(if stopping {
                     Err(RegistryError::HubStopped)
                 } else {
-                    import_one(store.clone(), hub.clone(), item).await
+                    import_one(store.clone(), shared.clone(), item).await
                 });
             }
             results
@@ -139,9 +201,7 @@ impl Handler<RegistryWrite> for HubActor {
         if self.stopping {
             return Box::pin(async { Err(RegistryError::HubStopped) });
         }
-        let store = self.store.clone();
-        let hub = self.shared.name().to_owned();
-        Box::pin(write(store, hub, msg))
+        Box::pin(write(self.store.clone(), self.shared.clone(), msg))
     }
 }
 
@@ -162,6 +222,18 @@ impl Handler<UpdateHubSettings> for HubActor {
             }
             res
         }))
+    }
+}
+
+impl Handler<SetCheckpoint> for HubActor {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+
+    fn handle(&mut self, msg: SetCheckpoint, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let hub = self.shared.name().to_owned();
+        Box::pin(
+            async move { store.set_checkpoint(&hub, &msg.consumer_group, msg.partition, msg.sequence_number).await },
+        )
     }
 }
 

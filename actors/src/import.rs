@@ -3,6 +3,8 @@
 
 use std::str::FromStr;
 
+use serde_json::{Map, Value};
+
 use crate::model::identity::{IdentityKey, IdentitySpec};
 
 /// `importMode`, matched case-insensitively (Node sends `Update`, `UpdateIfMatchETag`, …).
@@ -38,15 +40,9 @@ impl ImportMode {
         Self::NAMES.iter().find(|(_, m)| *m == self).map(|(n, _)| *n).unwrap_or("createOrUpdate")
     }
 
-    /// Whether this mode checks the item's `eTag` (a missing one then fails the item).
+    /// Whether this mode checks the item's identity `eTag` (a missing one fails the item).
     pub fn matches_etag(self) -> bool {
-        matches!(
-            self,
-            Self::UpdateIfMatchETag
-                | Self::CreateOrUpdateIfMatchETag
-                | Self::DeleteIfMatchETag
-                | Self::UpdateTwinIfMatchETag
-        )
+        matches!(self, Self::UpdateIfMatchETag | Self::CreateOrUpdateIfMatchETag | Self::DeleteIfMatchETag)
     }
 }
 
@@ -70,6 +66,23 @@ pub struct ImportItem {
     /// The item's `eTag`, checked by the `…IfMatchETag` modes.
     pub etag: Option<String>,
     pub spec: IdentitySpec,
+    /// Twin content of the item (`tags`, `properties.desired`), applied as a twin PATCH.
+    pub twin: TwinImport,
+}
+
+/// The twin part of an import item.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TwinImport {
+    pub tags: Option<Map<String, Value>>,
+    pub desired: Option<Map<String, Value>>,
+    /// `twinETag`, checked by `updateTwinIfMatchETag`.
+    pub etag: Option<String>,
+}
+
+impl TwinImport {
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_none() && self.desired.is_none()
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! - [`store`]: the `Store` trait, the only door to persistent state; implemented in `iothubd`.
 //! - [`messages`]: every message the front-ends send to actors, with what the reply means.
 //! - [`import`]: bulk import modes (service-api §3).
+//! - [`device`]: `DeviceActor`, one per identity: its session slot (and soon twin, C2D, methods).
+//! - [`ingest`]: telemetry stamped and appended to the hub's events log.
 //! - [`hub`]: `HubActor`, one per hub: identity-registry writes and hub settings.
 //! - [`directory`]: where live hub actors are found, by hub name or host name.
 //! - [`deployment`]: every hub of the process: start from the store, create, update, delete.
@@ -12,9 +14,11 @@
 //! actors never see a wire format, and only actors write through the store.
 
 pub mod deployment;
+pub mod device;
 pub mod directory;
 pub mod hub;
 pub mod import;
+pub mod ingest;
 pub mod messages;
 pub mod model;
 pub mod store;

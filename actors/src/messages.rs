@@ -5,6 +5,7 @@
 //! front-end maps the answer to its protocol (HTTP status + `iothub-errorcode`, CONNACK, …).
 
 use actix::Message;
+use tokio::sync::mpsc;
 
 use crate::import::ImportItem;
 use crate::model::hub::HubDescription;
@@ -40,9 +41,12 @@ pub enum RegistryError {
     /// An `…IfMatchETag` import item without an `eTag`.
     #[error("the import mode of {0} needs an eTag")]
     ETagRequired(IdentityKey),
-    /// The import mode needs twins, which this hub does not store yet.
-    #[error("import mode {mode} of {key} is not supported by this hub yet")]
-    UnsupportedImportMode { key: IdentityKey, mode: &'static str },
+    /// An `updateTwinIfMatchETag` import item without a `twinETag`.
+    #[error("the import mode of {0} needs a twinETag")]
+    TwinETagRequired(IdentityKey),
+    /// The twin content of an import item breaks the twin rules (service-api §4).
+    #[error("the twin of {key} is invalid: {reason}")]
+    InvalidTwin { key: IdentityKey, reason: String },
     /// The hub is being deleted or shut down.
     #[error("the hub is not accepting registry writes")]
     HubStopped,
@@ -63,8 +67,76 @@ pub struct UpdateHubSettings {
     pub if_match: Option<String>,
 }
 
+/// Events API → `HubActor`: store a consumer group's checkpoint of a partition (the last
+/// sequence number it processed). The reply is the store's answer.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct SetCheckpoint {
+    pub consumer_group: String,
+    pub partition: u32,
+    pub sequence_number: i64,
+}
+
 /// Deployment → `HubActor`: the hub is deleted or the process stops; finish in-flight writes
 /// and stop.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct StopHub;
+
+// ---- sessions ↔ DeviceActor -------------------------------------------------------------
+
+/// What a device actor asks of the session attached to it. The session drains these on its own
+/// thread (the MQTT sink is tied to its worker: DESIGN.md §10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// Close the connection.
+    Close(CloseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer session of the same identity connected (Azure: 400027).
+    NewerSession,
+    /// The identity was disabled or deleted.
+    IdentityRevoked,
+}
+
+/// Why a session ended, for the `deviceDisconnected` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    ClientDisconnect,
+    ConnectionLost,
+    TakenOver,
+    TokenExpired,
+    ProtocolError,
+    ServerShutdown,
+}
+
+/// Session → actor: this connection now speaks for the identity. Any older session is closed.
+/// The reply says whether an earlier persistent session's state was kept (MQTT session-present).
+#[derive(Debug, Message)]
+#[rtype(result = "AttachOutcome")]
+pub struct AttachSession {
+    pub connection_id: u64,
+    pub outbound: mpsc::Sender<SessionCommand>,
+    pub clean_session: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachOutcome {
+    pub session_present: bool,
+}
+
+/// Session → actor: the connection ended. Ignored when `connection_id` is not the attached
+/// one (a late disconnect of a session that was already taken over).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DetachSession {
+    pub connection_id: u64,
+    pub reason: DisconnectReason,
+}
+
+/// Registry → actor: the identity was disabled or deleted; drop its session.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RevokeSession;

@@ -20,6 +20,8 @@ use iothubd_actors::model::identity::{AuthenticationType, Identity, IdentityKey}
 
 pub use sas::{InvalidKey, SasToken, sign};
 
+pub mod x509;
+
 /// Why a token was refused. The texts tell the client what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -49,6 +51,14 @@ pub enum AuthError {
     UnknownIdentity(IdentityKey),
     #[error("identity '{identity}' authenticates with {kind}, not symmetric keys, so it cannot use a device token")]
     NotSasIdentity { identity: IdentityKey, kind: &'static str },
+    #[error("identity '{0}' does not authenticate with X.509 certificates: connect with a SAS token")]
+    NotX509Identity(IdentityKey),
+    #[error("the client certificate's thumbprint matches neither registered thumbprint of '{0}'")]
+    CertificateMismatch(IdentityKey),
+    #[error(
+        "identity '{0}' authenticates with a certificate authority; this hub does not manage CA          certificates yet, so only selfSigned (thumbprint) identities can use X.509"
+    )]
+    NoVerifiedCa(IdentityKey),
 }
 
 impl AuthError {

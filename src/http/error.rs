@@ -142,7 +142,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::PreconditionFailed(_) => ErrorCode::PreconditionFailed,
             RegistryError::Invalid(_)
             | RegistryError::ETagRequired(_)
-            | RegistryError::UnsupportedImportMode { .. } => ErrorCode::ArgumentInvalid,
+            | RegistryError::TwinETagRequired(_)
+            | RegistryError::InvalidTwin { .. } => ErrorCode::ArgumentInvalid,
             RegistryError::Store(s) => return s.clone().into(),
             RegistryError::HubStopped => ErrorCode::ServiceUnavailable,
         };

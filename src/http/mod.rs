@@ -4,15 +4,20 @@
 //! - [`service`]: what every service call does first: api-version, hub from `Host`, SAS rights.
 //! - [`registry`]: identity registry REST (service-api §3), bulk import included.
 //! - [`operator`]: hub management (create/list/update/delete, identity export/import).
+//! - [`websocket`]: `/$iothub/websocket`, MQTT over WebSockets bridged to the MQTT endpoint.
 //! - [`observe`]: `/health`, `/metrics`, and the request metrics middleware.
+//! - [`events`]: the events log read over HTTPS (service-api §9): partitions, reads, a live
+//!   stream, consumer-group checkpoints (which it writes itself: see its module doc).
 //!
 //! Handlers parse the wire and send messages to actors; they never write the store.
 
 pub mod error;
+pub mod events;
 pub mod observe;
 pub mod operator;
 pub mod registry;
 pub mod service;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -29,6 +34,8 @@ pub struct AppState {
     /// Set once every listener is bound; `/health` answers 503 before.
     pub ready: Arc<AtomicBool>,
     pub metrics: PrometheusHandle,
+    /// The internal loopback MQTT listener WebSocket sessions are bridged to.
+    pub mqtt_bridge: std::net::SocketAddr,
 }
 
 /// The whole HTTPS surface, for `App::configure`.
@@ -36,6 +43,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     observe::configure(cfg);
     operator::configure(cfg);
     registry::configure(cfg);
+    websocket::configure(cfg);
+    events::configure(cfg);
 }
 
 /// 404 for paths nothing serves (e.g. `/configurations`, out of scope), in IoT Hub's form.

@@ -138,10 +138,8 @@ async fn delete_hub(req: HttpRequest, state: web::Data<AppState>) -> Result<Http
 /// One export line: Azure's ExportImportDevice shape; keys left out unless asked for.
 fn export_line(identity: &Identity, with_keys: bool) -> Value {
     let mut auth = serde_json::to_value(&identity.authentication).unwrap_or(Value::Null);
-    if !with_keys {
-        if let Some(sk) = auth.get_mut("symmetricKey") {
-            *sk = json!({ "primaryKey": null, "secondaryKey": null });
-        }
+    if !with_keys && let Some(sk) = auth.get_mut("symmetricKey") {
+        *sk = json!({ "primaryKey": null, "secondaryKey": null });
     }
     json!({
         "id": identity.key.device_id,

@@ -7,7 +7,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use iothubd_actors::directory::HubHandle;
-use iothubd_actors::import::{ImportItem, ImportMode};
+use iothubd_actors::import::{ImportItem, ImportMode, TwinImport};
 use iothubd_actors::messages::{ImportIdentities, RegistryError, RegistryWrite};
 use iothubd_actors::model::hub::AccessRights;
 use iothubd_actors::model::identity::{
@@ -207,7 +207,17 @@ pub fn import_item(v: &Value) -> Result<ImportItem, ApiError> {
         None => ImportMode::default(),
     };
     let etag = str_field(obj, "eTag").or_else(|| str_field(obj, "etag")).map(|e| e.trim_matches('"').to_owned());
-    Ok(ImportItem { key, mode, etag, spec: identity_spec(obj)? })
+    let object = |v: Option<&Value>, what: &str| match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o.clone())),
+        Some(_) => Err(ApiError::invalid(format!("{what} must be a JSON object"))),
+    };
+    let twin = TwinImport {
+        tags: object(obj.get("tags"), "tags")?,
+        desired: object(obj.get("properties").and_then(|p| p.get("desired")), "properties.desired")?,
+        etag: str_field(obj, "twinETag").map(|e| e.trim_matches('"').to_owned()),
+    };
+    Ok(ImportItem { key, mode, etag, spec: identity_spec(obj)?, twin })
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -226,10 +236,10 @@ fn check_body_ids(body: &Map<String, Value>, key: &IdentityKey) -> Result<(), Ap
     if str_field(body, "deviceId").is_some_and(|d| d != key.device_id) {
         return Err(ApiError::invalid("deviceId in the body differs from the one in the path"));
     }
-    if let Some(m) = &key.module_id {
-        if str_field(body, "moduleId").is_some_and(|b| b != *m) {
-            return Err(ApiError::invalid("moduleId in the body differs from the one in the path"));
-        }
+    if let Some(m) = &key.module_id
+        && str_field(body, "moduleId").is_some_and(|b| b != *m)
+    {
+        return Err(ApiError::invalid("moduleId in the body differs from the one in the path"));
     }
     Ok(())
 }

@@ -39,6 +39,7 @@ pub fn test_config(dir: &std::path::Path, name: &str, owner_key: &str, read_key:
         ("data_dir", dir.display().to_string().into()),
         ("listen.address", "127.0.0.1".into()),
         ("ports.https", 0u64.into()),
+        ("ports.mqtts", 0u64.into()),
         ("ports.metrics", 0u64.into()),
         ("hub.name", name.into()),
         ("hub.hostname", format!("{name}.azure-devices.net").into()),

@@ -1,0 +1,114 @@
+//! `DeviceActor`: one per device or module identity, activated on demand (a session attaching,
+//! later a service call), passivated when it has no session and nothing to do (DESIGN.md §2).
+//!
+//! Today it owns the identity's session slot: one live session per identity, the newer one
+//! wins and the older is told to close (device-protocol §2.3). Twins, C2D queues and pending
+//! method calls join it with the twin/methods/C2D issue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::mpsc;
+
+use crate::directory::HubShared;
+use crate::messages::{AttachOutcome, AttachSession, CloseReason, DetachSession, RevokeSession, SessionCommand};
+use crate::model::identity::IdentityKey;
+
+/// How long an actor with no session stays in memory before it stops.
+pub const PASSIVATE_AFTER: Duration = Duration::from_secs(60);
+
+struct AttachedSession {
+    connection_id: u64,
+    outbound: mpsc::Sender<SessionCommand>,
+}
+
+pub struct DeviceActor {
+    hub: Arc<HubShared>,
+    key: IdentityKey,
+    session: Option<AttachedSession>,
+    /// A persistent (clean session 0) session existed before; its subscriptions are kept.
+    persistent_state: bool,
+    idle_timer: Option<SpawnHandle>,
+}
+
+impl DeviceActor {
+    pub fn new(hub: Arc<HubShared>, key: IdentityKey) -> Self {
+        Self { hub, key, session: None, persistent_state: false, idle_timer: None }
+    }
+
+    fn arm_idle_timer(&mut self, ctx: &mut Context<Self>) {
+        if let Some(t) = self.idle_timer.take() {
+            ctx.cancel_future(t);
+        }
+        self.idle_timer = Some(ctx.run_later(PASSIVATE_AFTER, |actor, ctx| {
+            if actor.session.is_none() {
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn close_session(&mut self, reason: CloseReason) {
+        if let Some(old) = self.session.take() {
+            // A full queue means the session is already stuck; it is closed by its own
+            // keep-alive then. The slot is freed either way.
+            let _ = old.outbound.try_send(SessionCommand::Close(reason));
+            self.hub.session_detached();
+        }
+    }
+}
+
+impl Actor for DeviceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.arm_idle_timer(ctx);
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.close_session(CloseReason::IdentityRevoked);
+        self.hub.forget_device(&self.key, &ctx.address());
+    }
+}
+
+/// A restart keeps the actor's address; the session slot survives in memory.
+impl Supervised for DeviceActor {}
+
+impl Handler<AttachSession> for DeviceActor {
+    type Result = MessageResult<AttachSession>;
+
+    fn handle(&mut self, msg: AttachSession, ctx: &mut Context<Self>) -> Self::Result {
+        self.close_session(CloseReason::NewerSession);
+        let session_present = !msg.clean_session && self.persistent_state;
+        self.persistent_state = !msg.clean_session;
+        self.session = Some(AttachedSession { connection_id: msg.connection_id, outbound: msg.outbound });
+        self.hub.session_attached();
+        if let Some(t) = self.idle_timer.take() {
+            ctx.cancel_future(t);
+        }
+        MessageResult(AttachOutcome { session_present })
+    }
+}
+
+impl Handler<DetachSession> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DetachSession, ctx: &mut Context<Self>) {
+        if self.session.as_ref().is_some_and(|s| s.connection_id == msg.connection_id) {
+            self.session = None;
+            self.hub.session_detached();
+            tracing::debug!(identity = %self.key, reason = ?msg.reason, "session detached");
+            self.arm_idle_timer(ctx);
+        }
+    }
+}
+
+impl Handler<RevokeSession> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: RevokeSession, ctx: &mut Context<Self>) {
+        self.close_session(CloseReason::IdentityRevoked);
+        self.persistent_state = false;
+        self.arm_idle_timer(ctx);
+    }
+}

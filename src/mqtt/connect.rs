@@ -1,0 +1,216 @@
+//! CONNECT (device-protocol §2.1–2.3): who is connecting, are they allowed, and the session
+//! that speaks for the identity from now on.
+//!
+//! Order of checks, each with its CONNACK code (§2.2): username and client id (2 when the
+//! client id does not match the username's identity, 4 when the username cannot be read), the
+//! hub (5), the password as a SAS token (4 when it is not one), the identity and the token
+//! (5: bad signature, expired, unknown or disabled identity, wrong scope, no DeviceConnect),
+//! the store being reachable (3). A CONNECT without a password authenticates with the TLS
+//! client certificate instead (X.509, device-protocol §1.4). Then the identity's `DeviceActor` takes the session; an
+//! older session of the same identity is closed.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use iothubd_actors::deployment::Deployment;
+use iothubd_actors::ingest::{AuthMethod, Ingest, Sender};
+use iothubd_actors::messages::{AttachSession, DisconnectReason, SessionCommand};
+use iothubd_actors::model::identity::IdentityKey;
+use ntex::time::Seconds;
+use ntex_mqtt::v3;
+use ntex_mqtt::v3::codec::ConnectAckReason;
+use ntex_tls::rustls::PeerCert;
+use tokio::sync::mpsc;
+
+use super::session::MqttSession;
+use super::topic::parse_username;
+use crate::auth::{self, Principal, SasToken};
+
+/// Azure's load balancer idle limit: keep-alive is enforced at 1.5 × the client's value, at
+/// most this (device-protocol §2.1).
+const MAX_IDLE_SECONDS: u16 = 1767;
+
+/// Commands a device actor may queue for a session before it must drain them.
+const SESSION_COMMAND_QUEUE: usize = 8;
+
+/// What every connection shares (one per process; `Send + Sync`).
+pub struct MqttContext {
+    pub deployment: Deployment,
+    pub ingest: Ingest,
+    next_connection_id: AtomicU64,
+}
+
+impl MqttContext {
+    pub fn new(deployment: Deployment, ingest: Ingest) -> Self {
+        Self { deployment, ingest, next_connection_id: AtomicU64::new(1) }
+    }
+}
+
+/// Errors that end a connection after CONNECT (MQTT 3.1.1 can only close).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<()> for SessionError {
+    fn from(_: ()) -> Self {
+        SessionError::Refused("service initialization failed".into())
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// 1.5 × keep-alive, capped; 0 (no keep-alive) means no idle limit.
+fn idle_timeout(keep_alive: u16) -> Seconds {
+    if keep_alive == 0 {
+        return Seconds::ZERO;
+    }
+    Seconds(((u32::from(keep_alive) * 3).div_ceil(2)).min(u32::from(MAX_IDLE_SECONDS)) as u16)
+}
+
+pub async fn handshake(
+    ctx: Arc<MqttContext>,
+    handshake: v3::Handshake,
+) -> Result<v3::HandshakeAck<MqttSession>, SessionError> {
+    let pkt = handshake.packet().clone();
+    let refuse = |code: ConnectAckReason, why: &str| {
+        tracing::debug!(client_id = %pkt.client_id, ?code, "CONNECT refused: {why}");
+        code
+    };
+    let Some(username) = pkt.username.as_deref().map(parse_username).and_then(Result::ok) else {
+        let code = refuse(ConnectAckReason::BadUserNameOrPassword, "unreadable username");
+        return Ok(handshake.failed(code));
+    };
+    let key = match &username.module_id {
+        Some(m) => IdentityKey::module(username.device_id.clone(), m.clone()),
+        None => IdentityKey::device(username.device_id.clone()),
+    };
+    if pkt.client_id.as_str() != key.to_string() {
+        let code = refuse(ConnectAckReason::IdentifierRejected, "client id differs from the username's identity");
+        return Ok(handshake.failed(code));
+    }
+    let Some(hub) = ctx.deployment.directory().resolve(&username.host) else {
+        return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, "no hub for the host")));
+    };
+    let description = hub.description();
+    let now = unix_now();
+    let (identity, method, expiry) = match pkt.password.as_ref() {
+        Some(password) => {
+            let Ok(password) = std::str::from_utf8(password) else {
+                return Ok(handshake.failed(refuse(ConnectAckReason::BadUserNameOrPassword, "password is not UTF-8")));
+            };
+            let token = match SasToken::parse(password) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Ok(handshake.failed(refuse(ConnectAckReason::BadUserNameOrPassword, &e.to_string())));
+                }
+            };
+            let identity = match ctx.deployment.store().get_identity(hub.name(), &key).await {
+                Ok(identity) => identity,
+                Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))),
+            };
+            let principal = match auth::authorize_identity(&description, &token, identity.as_ref(), &key, now) {
+                Ok(p) => p,
+                Err(e) => {
+                    let code = if e.connack_code() == 4 {
+                        ConnectAckReason::BadUserNameOrPassword
+                    } else {
+                        ConnectAckReason::NotAuthorized
+                    };
+                    return Ok(handshake.failed(refuse(code, &e.to_string())));
+                }
+            };
+            let Some(identity) = identity else {
+                return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, "unknown identity")));
+            };
+            let method = match principal {
+                Principal::Policy { .. } => AuthMethod::PolicySas,
+                Principal::Identity(_) => AuthMethod::IdentitySas,
+            };
+            (identity, method, Some(token.expiry()))
+        }
+        // X.509 clients send no password (device-protocol §1.4): the TLS client certificate
+        // speaks for them.
+        None => {
+            let certificate = handshake.io().query::<PeerCert<'static>>();
+            let Some(PeerCert(certificate)) = certificate.as_ref() else {
+                return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, "no password and no certificate")));
+            };
+            let identity = match ctx.deployment.store().get_identity(hub.name(), &key).await {
+                Ok(identity) => identity,
+                Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))),
+            };
+            let kind = match auth::x509::authorize_certificate(identity.as_ref(), &key, certificate) {
+                Ok(kind) => kind,
+                Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, &e.to_string()))),
+            };
+            let Some(identity) = identity else {
+                return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, "unknown identity")));
+            };
+            (identity, AuthMethod::X509(kind), None)
+        }
+    };
+    let sender = Sender::new(&hub.shared, &identity, method, username.model_id.clone());
+
+    let connection_id = ctx.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let (outbound, mut commands) = mpsc::channel(SESSION_COMMAND_QUEUE);
+    let actor = hub.shared.device(&key);
+    let attach = AttachSession { connection_id, outbound, clean_session: pkt.clean_session };
+    let outcome = match actor.send(attach).await {
+        Ok(o) => o,
+        Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))),
+    };
+
+    let reason = Rc::new(Cell::new(DisconnectReason::ConnectionLost));
+    // Commands from the actor are carried out on this connection's thread: the sink is tied
+    // to it (DESIGN.md §10).
+    let sink = handshake.sink();
+    let command_reason = reason.clone();
+    ntex::rt::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                SessionCommand::Close(_) => {
+                    command_reason.set(DisconnectReason::TakenOver);
+                    sink.close();
+                }
+            }
+        }
+    });
+    // The session ends when its token does (device-protocol §1.3); SDKs reconnect with a new one.
+    let sink = handshake.sink();
+    let expiry_reason = reason.clone();
+    let (closed, connection_gone) = futures::channel::oneshot::channel::<()>();
+    if let Some(expiry) = expiry {
+        let lifetime = std::time::Duration::from_secs(expiry.saturating_sub(now));
+        ntex::rt::spawn(async move {
+            let expired = std::pin::pin!(ntex::time::sleep(lifetime));
+            if let futures::future::Either::Left(_) = futures::future::select(expired, connection_gone).await {
+                expiry_reason.set(DisconnectReason::TokenExpired);
+                sink.close();
+            }
+        });
+    }
+
+    let keep_alive = pkt.keep_alive;
+    let session =
+        MqttSession::new(hub.shared.clone(), sender, ctx.ingest.clone(), connection_id, actor, reason, closed);
+    Ok(handshake.ack(session, outcome.session_present).idle_timeout(idle_timeout(keep_alive)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_timeout_is_one_and_a_half_keep_alives_capped() {
+        assert_eq!(idle_timeout(60), Seconds(90));
+        assert_eq!(idle_timeout(1), Seconds(2));
+        assert_eq!(idle_timeout(1200), Seconds(1767));
+        assert_eq!(idle_timeout(0), Seconds::ZERO);
+    }
+}

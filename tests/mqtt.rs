@@ -1,0 +1,356 @@
+//! The MQTT device endpoint over real MQTT 3.1.1 + TLS (rumqttc): CONNECT and its CONNACK
+//! codes (device-protocol §2.2), telemetry into the events log with its annotations
+//! (service-api §9), topic rules (§2.3), one session per identity.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestHub, start, unix_now};
+use iothubd::auth::sas;
+use iothubd_actors::model::event::AnnotationValue;
+use reqwest::Method;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn create_device(hub: &TestHub, id: &str) -> String {
+    let r = hub.owner(Method::PUT, &format!("/devices/{id}")).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let device: Value = r.json().await.unwrap();
+    device["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned()
+}
+
+fn device_token(hub: &TestHub, id: &str, key: &str, lifetime: i64) -> String {
+    let expiry = (unix_now() as i64 + lifetime).max(0) as u64;
+    sas::sign(&format!("{}/devices/{id}", hub.host), key, expiry, None).unwrap()
+}
+
+/// A TLS client presenting a certificate (X.509 devices send no password).
+fn x509_client(hub: &TestHub, id: &str, cert_pem: &str, key_pem: &str) -> (AsyncClient, EventLoop) {
+    let port = hub.server.info.mqtts.expect("MQTTS listener").port();
+    let mut opts = MqttOptions::new(id, "localhost", port);
+    opts.set_credentials(username(hub, id), "");
+    let ca = std::fs::read(hub.dir.path().join("tls").join("ca.pem")).unwrap();
+    let client_auth = Some((cert_pem.as_bytes().to_vec(), key_pem.as_bytes().to_vec()));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+    AsyncClient::new(opts, 16)
+}
+
+/// A device client as the Python SDK connects: client id = device id, username
+/// `{host}/{id}/?api-version=…`, password = SAS token, clean session 0, TLS to the hub.
+fn client(hub: &TestHub, client_id: &str, username: &str, password: &str) -> (AsyncClient, EventLoop) {
+    let port = hub.server.info.mqtts.expect("MQTTS listener").port();
+    let mut opts = MqttOptions::new(client_id, "localhost", port);
+    opts.set_credentials(username, password);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let ca = std::fs::read(hub.dir.path().join("tls").join("ca.pem")).unwrap();
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
+    AsyncClient::new(opts, 64)
+}
+
+fn username(hub: &TestHub, id: &str) -> String {
+    format!("{}/{id}/?api-version=2021-04-12&DeviceClientType=iothubd-tests", hub.host)
+}
+
+/// Polls until CONNACK; returns its code (or the connection error's text).
+async fn connack(eventloop: &mut EventLoop) -> Result<ConnectReturnCode, String> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok(ack.code),
+                Ok(_) => continue,
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Ok(code),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no CONNACK in time".to_owned())?
+}
+
+/// Drives the event loop until `n` PUBACKs arrived; returns their packet ids in order.
+async fn pubacks(eventloop: &mut EventLoop, n: usize) -> Vec<u16> {
+    let mut ids = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while ids.len() < n {
+            if let Event::Incoming(Packet::PubAck(ack)) = eventloop.poll().await.expect("connection stays up") {
+                ids.push(ack.pkid);
+            }
+        }
+    })
+    .await
+    .expect("PUBACKs in time");
+    ids
+}
+
+/// Polls until the connection ends; true if it did within the wait.
+async fn closed(eventloop: &mut EventLoop) -> bool {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if eventloop.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn connected(hub: &TestHub, id: &str) -> (AsyncClient, EventLoop) {
+    let key = create_device(hub, id).await;
+    let (client, mut eventloop) = client(hub, id, &username(hub, id), &device_token(hub, id, &key, 3600));
+    assert_eq!(connack(&mut eventloop).await, Ok(ConnectReturnCode::Success));
+    (client, eventloop)
+}
+
+#[tokio::test]
+async fn device_with_valid_sas_connects() {
+    let hub = start();
+    let (_client, _eventloop) = connected(&hub, "good").await;
+    let stats: Value = hub.owner(Method::GET, "/statistics/service").send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["connectedDeviceCount"], 1);
+}
+
+#[tokio::test]
+async fn bad_expired_and_wrong_scope_tokens_get_connack_5() {
+    let hub = start();
+    let key = create_device(&hub, "d1").await;
+    create_device(&hub, "d2").await;
+    let wrong_key = iothubd_actors::model::identity::generate_key();
+    for (what, password) in [
+        ("wrong key", device_token(&hub, "d1", &wrong_key, 3600)),
+        ("expired", device_token(&hub, "d1", &key, -10)),
+        ("scoped to d2", sas::sign(&format!("{}/devices/d2", hub.host), &key, unix_now() + 600, None).unwrap()),
+    ] {
+        let (_c, mut el) = client(&hub, "d1", &username(&hub, "d1"), &password);
+        assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized), "{what}");
+    }
+    let (_c, mut el) = client(&hub, "d1", &username(&hub, "d1"), "not a token");
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::BadUserNamePassword));
+}
+
+#[tokio::test]
+async fn unknown_and_disabled_identities_are_refused() {
+    let hub = start();
+    let key = create_device(&hub, "off").await;
+    let (_c, mut el) = client(&hub, "ghost", &username(&hub, "ghost"), &device_token(&hub, "ghost", &key, 600));
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
+
+    let r = hub
+        .owner(Method::PUT, "/devices/off")
+        .header("If-Match", "*")
+        .json(&json!({ "status": "disabled" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_c, mut el) = client(&hub, "off", &username(&hub, "off"), &device_token(&hub, "off", &key, 600));
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
+}
+
+#[tokio::test]
+async fn client_id_must_match_the_username_identity() {
+    let hub = start();
+    let key = create_device(&hub, "me").await;
+    let (_c, mut el) = client(&hub, "someone-else", &username(&hub, "me"), &device_token(&hub, "me", &key, 600));
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::BadClientId));
+}
+
+#[tokio::test]
+async fn telemetry_lands_in_the_events_log_with_annotations() {
+    let hub = start();
+    let (client, mut eventloop) = connected(&hub, "sensor").await;
+    let topic = "devices/sensor/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=high&with%20space=a%20b%26c";
+    client.publish(topic, QoS::AtLeastOnce, false, r#"{"t":21.5}"#).await.unwrap();
+    pubacks(&mut eventloop, 1).await;
+
+    let store = hub.server.deployment().store().clone();
+    let partitions = 4;
+    let mut found = Vec::new();
+    for p in 0..partitions {
+        found.extend(store.read_events(&hub.name, p, 0, 10).await.unwrap());
+    }
+    assert_eq!(found.len(), 1, "exactly one event");
+    let event = &found[0];
+    assert_eq!(event.data.body, br#"{"t":21.5}"#);
+    assert_eq!(event.data.properties.message_id.as_deref(), Some("m-1"));
+    assert_eq!(event.data.properties.content_type.as_deref(), Some("application/json"));
+    assert_eq!(event.data.properties.content_encoding.as_deref(), Some("utf-8"));
+    assert!(event.data.application_properties.contains(&("alert".into(), Some("high".into()))));
+    assert!(event.data.application_properties.contains(&("with space".into(), Some("a b&c".into()))));
+    let annotation = |name: &str| event.data.annotations.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    assert_eq!(annotation("iothub-connection-device-id"), Some(AnnotationValue::String("sensor".into())));
+    assert_eq!(annotation("iothub-message-source"), Some(AnnotationValue::String("Telemetry".into())));
+    let Some(AnnotationValue::String(auth)) = annotation("iothub-connection-auth-method") else {
+        panic!("auth method annotation missing")
+    };
+    let auth: Value = serde_json::from_str(&auth).unwrap();
+    assert_eq!(auth, json!({"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}));
+    let device: Value = hub.owner(Method::GET, "/devices/sensor").send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        annotation("iothub-connection-auth-generation-id"),
+        Some(AnnotationValue::String(device["generationId"].as_str().unwrap().into()))
+    );
+    assert!(matches!(annotation("iothub-enqueuedtime"), Some(AnnotationValue::Timestamp(_))));
+}
+
+#[tokio::test]
+async fn pubacks_follow_publish_order() {
+    let hub = start();
+    let (client, mut eventloop) = connected(&hub, "burst").await;
+    for i in 0..50 {
+        client.publish("devices/burst/messages/events/", QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
+    }
+    let ids = pubacks(&mut eventloop, 50).await;
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "PUBACKs must come in PUBLISH order");
+}
+
+#[tokio::test]
+async fn publishing_on_another_identitys_topic_closes_the_connection() {
+    let hub = start();
+    create_device(&hub, "victim").await;
+    let (client, mut eventloop) = connected(&hub, "intruder").await;
+    client.publish("devices/victim/messages/events/", QoS::AtLeastOnce, false, "x").await.unwrap();
+    assert!(closed(&mut eventloop).await, "the hub must close the connection");
+    let store = hub.server.deployment().store().clone();
+    for p in 0..4 {
+        assert!(store.read_events(&hub.name, p, 0, 10).await.unwrap().is_empty(), "nothing stored");
+    }
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_same_device_closes_the_first() {
+    let hub = start();
+    let key = create_device(&hub, "twice").await;
+    let token = device_token(&hub, "twice", &key, 600);
+    let (_c1, mut first) = client(&hub, "twice", &username(&hub, "twice"), &token);
+    assert_eq!(connack(&mut first).await, Ok(ConnectReturnCode::Success));
+    let (_c2, mut second) = client(&hub, "twice", &username(&hub, "twice"), &token);
+    assert_eq!(connack(&mut second).await, Ok(ConnectReturnCode::Success));
+    assert!(closed(&mut first).await, "the older session must be closed");
+}
+
+#[tokio::test]
+async fn disabling_a_connected_device_drops_its_session() {
+    let hub = start();
+    let (_client, mut eventloop) = connected(&hub, "revoked").await;
+    let r = hub
+        .owner(Method::PUT, "/devices/revoked")
+        .header("If-Match", "*")
+        .json(&json!({ "status": "disabled" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(closed(&mut eventloop).await, "a disabled device loses its session");
+}
+
+#[tokio::test]
+async fn subscriptions_to_supported_filters_are_granted_and_others_refused() {
+    let hub = start();
+    let (client, mut eventloop) = connected(&hub, "sub").await;
+    client.subscribe("devices/sub/messages/devicebound/#", QoS::AtLeastOnce).await.unwrap();
+    client.subscribe("$iothub/twin/res/#", QoS::ExactlyOnce).await.unwrap();
+    client.subscribe("devices/other/messages/devicebound/#", QoS::AtLeastOnce).await.unwrap();
+    client.subscribe("some/random/topic", QoS::AtMostOnce).await.unwrap();
+    let mut codes = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while codes.len() < 4 {
+            if let Event::Incoming(Packet::SubAck(ack)) = eventloop.poll().await.unwrap() {
+                codes.extend(ack.return_codes);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    use rumqttc::SubscribeReasonCode as C;
+    assert_eq!(codes, [C::Success(QoS::AtLeastOnce), C::Success(QoS::AtLeastOnce), C::Failure, C::Failure]);
+}
+
+#[tokio::test]
+async fn oversize_telemetry_closes_only_that_connection() {
+    let hub = start();
+    let (big, mut big_loop) = connected(&hub, "big").await;
+    let (small, mut small_loop) = connected(&hub, "small").await;
+    big.publish("devices/big/messages/events/", QoS::AtLeastOnce, false, vec![b'x'; 300 * 1024]).await.unwrap();
+    assert!(closed(&mut big_loop).await, "oversize message closes the connection");
+    small.publish("devices/small/messages/events/", QoS::AtLeastOnce, false, "ok").await.unwrap();
+    assert_eq!(pubacks(&mut small_loop, 1).await.len(), 1, "other sessions are not disturbed");
+}
+
+#[tokio::test]
+async fn mqtt_over_websockets_on_the_https_port_carries_telemetry() {
+    let hub = start();
+    let key = create_device(&hub, "ws-dev").await;
+    let port = hub.server.info.https.port();
+    let url = format!("wss://localhost:{port}/$iothub/websocket");
+    let mut opts = MqttOptions::new("ws-dev", url, port);
+    opts.set_credentials(username(&hub, "ws-dev"), device_token(&hub, "ws-dev", &key, 600));
+    opts.set_keep_alive(Duration::from_secs(60));
+    let ca = std::fs::read(hub.dir.path().join("tls").join("ca.pem")).unwrap();
+    opts.set_transport(Transport::wss_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    assert_eq!(connack(&mut eventloop).await, Ok(ConnectReturnCode::Success));
+    client.publish("devices/ws-dev/messages/events/%24.mid=over-ws", QoS::AtLeastOnce, false, "hi").await.unwrap();
+    pubacks(&mut eventloop, 1).await;
+    let store = hub.server.deployment().store().clone();
+    let mut ids = Vec::new();
+    for p in 0..4 {
+        for e in store.read_events(&hub.name, p, 0, 10).await.unwrap() {
+            ids.push(e.data.properties.message_id.unwrap_or_default());
+        }
+    }
+    assert_eq!(ids, ["over-ws"]);
+}
+
+#[tokio::test]
+async fn self_signed_x509_device_connects_with_its_certificate() {
+    let hub = start();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["x509dev".into()]).unwrap().self_signed(&key).unwrap();
+    let thumbprint = iothubd::tls::peer_thumbprint_sha1(cert.der());
+    let r = hub
+        .owner(Method::PUT, "/devices/x509dev")
+        .json(&json!({ "authentication": { "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": thumbprint } } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let (client, mut eventloop) = x509_client(&hub, "x509dev", &cert.pem(), &key.serialize_pem());
+    assert_eq!(connack(&mut eventloop).await, Ok(ConnectReturnCode::Success));
+    client.publish("devices/x509dev/messages/events/", QoS::AtLeastOnce, false, "signed").await.unwrap();
+    pubacks(&mut eventloop, 1).await;
+    let store = hub.server.deployment().store().clone();
+    let mut methods = Vec::new();
+    for p in 0..4 {
+        for e in store.read_events(&hub.name, p, 0, 10).await.unwrap() {
+            for (k, v) in e.data.annotations {
+                if let ("iothub-connection-auth-method", AnnotationValue::String(v)) = (k.as_str(), v) {
+                    methods.push(serde_json::from_str::<Value>(&v).unwrap()["type"].clone());
+                }
+            }
+        }
+    }
+    assert_eq!(methods, [json!("x509")]);
+
+    // Another certificate, or no certificate and no password, is refused.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let other = rcgen::CertificateParams::new(vec!["x509dev".into()]).unwrap().self_signed(&other_key).unwrap();
+    let (_c, mut el) = x509_client(&hub, "x509dev", &other.pem(), &other_key.serialize_pem());
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
+    let (_c, mut el) = client_without_password(&hub, "x509dev");
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
+}
+
+fn client_without_password(hub: &TestHub, id: &str) -> (AsyncClient, EventLoop) {
+    client(hub, id, &username(hub, id), "")
+}
