@@ -354,3 +354,138 @@ async fn self_signed_x509_device_connects_with_its_certificate() {
 fn client_without_password(hub: &TestHub, id: &str) -> (AsyncClient, EventLoop) {
     client(hub, id, &username(hub, id), "")
 }
+
+/// Every event of the hub's log, in partition then sequence order.
+async fn all_events(hub: &TestHub) -> Vec<iothubd_actors::model::event::StoredEvent> {
+    let store = hub.server.deployment().store().clone();
+    let mut events = Vec::new();
+    for p in 0..4 {
+        events.extend(store.read_events(&hub.name, p, 0, 1000).await.unwrap());
+    }
+    events
+}
+
+fn app_property<'a>(e: &'a iothubd_actors::model::event::StoredEvent, name: &str) -> Option<&'a str> {
+    e.data.application_properties.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref())
+}
+
+#[tokio::test]
+async fn connection_and_lifecycle_events_flow_only_through_explicit_routes() {
+    let hub = start();
+    // No routes: only telemetry reaches the built-in endpoint.
+    let (client, mut eventloop) = connected(&hub, "quiet").await;
+    client.disconnect().await.unwrap();
+    let _ = closed(&mut eventloop).await;
+    assert!(all_events(&hub).await.is_empty(), "no route, no connection or lifecycle events");
+
+    let mut description: Value =
+        hub.operator(Method::GET, &format!("/operator/hubs/{}", hub.name)).send().await.unwrap().json().await.unwrap();
+    description["properties"]["routing"] = json!({ "routes": [
+        { "name": "conn", "source": "DeviceConnectionStateEvents", "condition": "true", "endpointNames": ["events"], "isEnabled": true },
+        { "name": "life", "source": "DeviceLifecycleEvents", "condition": "true", "endpointNames": ["events"], "isEnabled": true },
+    ] });
+    let r = hub.operator(Method::PUT, &format!("/operator/hubs/{}", hub.name)).json(&description).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let (client, mut eventloop) = connected(&hub, "chatty").await;
+    client.disconnect().await.unwrap();
+    let _ = closed(&mut eventloop).await;
+    let mut events = Vec::new();
+    for _ in 0..50 {
+        events = all_events(&hub).await;
+        if events.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ops: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (app_property(e, "deviceId").unwrap_or(""), app_property(e, "opType").unwrap_or("")))
+        .collect();
+    assert_eq!(
+        ops,
+        [("chatty", "createDeviceIdentity"), ("chatty", "deviceConnected"), ("chatty", "deviceDisconnected")]
+    );
+    let source = |e: &iothubd_actors::model::event::StoredEvent| {
+        e.data.annotations.iter().find(|(k, _)| k == "iothub-message-source").map(|(_, v)| v.clone())
+    };
+    assert_eq!(source(&events[1]), Some(AnnotationValue::String("deviceConnectionStateEvents".into())));
+    assert_eq!(source(&events[0]), Some(AnnotationValue::String("deviceLifecycleEvents".into())));
+    let sequence = |e: &iothubd_actors::model::event::StoredEvent| {
+        serde_json::from_slice::<Value>(&e.data.body).unwrap()["sequenceNumber"].as_str().unwrap().to_owned()
+    };
+    let (connected_seq, disconnected_seq) = (sequence(&events[1]), sequence(&events[2]));
+    assert_eq!(connected_seq.len(), 64);
+    assert!(connected_seq < disconnected_seq, "sequence numbers increase as strings");
+    assert_eq!(app_property(&events[2], "disconnectReason"), Some("clientDisconnect"));
+    assert_eq!(app_property(&events[1], "iothub-message-schema"), Some("deviceConnectionStateNotification"));
+    let lifecycle: Value = serde_json::from_slice(&events[0].data.body).unwrap();
+    assert_eq!(lifecycle["deviceId"], "chatty");
+    assert_eq!(lifecycle["properties"]["desired"]["$version"], 1);
+}
+
+async fn connected_count(hub: &TestHub) -> u64 {
+    let stats: Value = hub.owner(Method::GET, "/statistics/service").send().await.unwrap().json().await.unwrap();
+    stats["connectedDeviceCount"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn qos2_publish_closes_only_that_connection() {
+    let hub = start();
+    let (bad, mut bad_loop) = connected(&hub, "qos2").await;
+    let (good, mut good_loop) = connected(&hub, "qos1").await;
+    bad.publish("devices/qos2/messages/events/", QoS::ExactlyOnce, false, "x").await.unwrap();
+    assert!(closed(&mut bad_loop).await, "QoS 2 PUBLISH closes the connection (device-protocol §2.3)");
+    good.publish("devices/qos1/messages/events/", QoS::AtLeastOnce, false, "ok").await.unwrap();
+    assert_eq!(pubacks(&mut good_loop, 1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn persistent_session_is_present_on_reconnect() {
+    let hub = start();
+    let key = create_device(&hub, "persist").await;
+    let token = device_token(&hub, "persist", &key, 600);
+    let session_present = || {
+        let (hub, token) = (&hub, token.clone());
+        async move {
+            let (client, mut el) = client(hub, "persist", &username(hub, "persist"), &token);
+            let present = tokio::time::timeout(WAIT, async {
+                loop {
+                    if let Event::Incoming(Packet::ConnAck(ack)) = el.poll().await.unwrap() {
+                        return ack.session_present;
+                    }
+                }
+            })
+            .await
+            .unwrap();
+            client.disconnect().await.unwrap();
+            let _ = closed(&mut el).await;
+            present
+        }
+    };
+    assert!(!session_present().await, "first connection: nothing stored yet");
+    assert!(session_present().await, "clean session 0 again: the session was kept");
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_after_one_and_a_half_keep_alives() {
+    let hub = start();
+    let key = create_device(&hub, "silent").await;
+    let port = hub.server.info.mqtts.unwrap().port();
+    let mut opts = MqttOptions::new("silent", "localhost", port);
+    opts.set_credentials(username(&hub, "silent"), device_token(&hub, "silent", &key, 600));
+    opts.set_keep_alive(Duration::from_secs(1));
+    let ca = std::fs::read(hub.dir.path().join("tls").join("ca.pem")).unwrap();
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
+    let (_client, mut eventloop) = AsyncClient::new(opts, 4);
+    assert_eq!(connack(&mut eventloop).await, Ok(ConnectReturnCode::Success));
+    assert_eq!(connected_count(&hub).await, 1);
+    // The event loop is no longer polled: no PINGREQ leaves, so the hub must close the session.
+    let closed_by_hub = tokio::time::timeout(WAIT, async {
+        while connected_count(&hub).await != 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(closed_by_hub.is_ok(), "the hub closes a client silent for 1.5 × keep-alive");
+}

@@ -13,6 +13,7 @@ use crate::hub::HubActor;
 use crate::messages::{StopHub, UpdateHubSettings};
 use crate::model::hub::{HubDescription, HubError};
 use crate::model::identity::new_etag;
+use crate::router::RouterActor;
 use crate::store::{Store, StoreError};
 
 /// Why a hub lifecycle request failed; mapped by the operator API.
@@ -81,6 +82,13 @@ impl Deployment {
             Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, move |_| HubActor::new(actor_shared, store)),
             None => Supervisor::start(move |_| HubActor::new(actor_shared, store)),
         };
+        let (router_hub, router_store) = (shared.clone(), self.inner.store.clone());
+        let make_router = move |_: &mut actix::Context<RouterActor>| RouterActor::new(router_hub, router_store);
+        let router = match arbiter_for(&self.inner.arbiters, shared.name()) {
+            Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, make_router),
+            None => Supervisor::start(make_router),
+        };
+        shared.set_router(router);
         let handle = HubHandle { shared, addr };
         self.inner.directory.insert(handle.clone());
         handle

@@ -12,8 +12,11 @@ use actix::prelude::*;
 use tokio::sync::mpsc;
 
 use crate::directory::HubShared;
-use crate::messages::{AttachOutcome, AttachSession, CloseReason, DetachSession, RevokeSession, SessionCommand};
+use crate::messages::{
+    AttachOutcome, AttachSession, CloseReason, DetachSession, DisconnectReason, RevokeSession, SessionCommand,
+};
 use crate::model::identity::IdentityKey;
+use crate::router::{EventSource, SystemEvent};
 
 /// How long an actor with no session stays in memory before it stops.
 pub const PASSIVATE_AFTER: Duration = Duration::from_secs(60);
@@ -54,7 +57,24 @@ impl DeviceActor {
             // keep-alive then. The slot is freed either way.
             let _ = old.outbound.try_send(SessionCommand::Close(reason));
             self.hub.session_detached();
+            let reason = match reason {
+                CloseReason::NewerSession => DisconnectReason::TakenOver,
+                CloseReason::IdentityRevoked => DisconnectReason::IdentityRevoked,
+            };
+            self.connection_event("deviceDisconnected", Some(reason));
         }
+    }
+
+    /// `deviceConnected` / `deviceDisconnected` to the router (service-api §11).
+    fn connection_event(&self, op_type: &'static str, reason: Option<DisconnectReason>) {
+        let sequence = self.hub.next_connection_sequence();
+        self.hub.route(SystemEvent {
+            source: EventSource::DeviceConnectionState,
+            key: self.key.clone(),
+            op_type,
+            body: serde_json::json!({ "sequenceNumber": sequence }),
+            properties: reason.map(|r| ("disconnectReason".to_owned(), r.as_str().to_owned())).into_iter().collect(),
+        });
     }
 }
 
@@ -83,6 +103,7 @@ impl Handler<AttachSession> for DeviceActor {
         self.persistent_state = !msg.clean_session;
         self.session = Some(AttachedSession { connection_id: msg.connection_id, outbound: msg.outbound });
         self.hub.session_attached();
+        self.connection_event("deviceConnected", None);
         if let Some(t) = self.idle_timer.take() {
             ctx.cancel_future(t);
         }
@@ -98,6 +119,7 @@ impl Handler<DetachSession> for DeviceActor {
             self.session = None;
             self.hub.session_detached();
             tracing::debug!(identity = %self.key, reason = ?msg.reason, "session detached");
+            self.connection_event("deviceDisconnected", Some(msg.reason));
             self.arm_idle_timer(ctx);
         }
     }

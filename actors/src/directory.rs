@@ -5,7 +5,7 @@
 //! maps to the default hub when one is configured.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use actix::{Actor, Addr, ArbiterHandle, Supervisor};
 use dashmap::DashMap;
@@ -15,6 +15,7 @@ use crate::device::DeviceActor;
 use crate::hub::HubActor;
 use crate::model::hub::HubDescription;
 use crate::model::identity::IdentityKey;
+use crate::router::{ConnectionSequence, RouterActor, SystemEvent};
 
 /// What everyone may read about a hub without asking its actor, and where its live device
 /// actors are.
@@ -26,6 +27,9 @@ pub struct HubShared {
     arbiters: Arc<[ArbiterHandle]>,
     /// Bumped after every append to the hub's events log; readers wait on it.
     events_appended: watch::Sender<u64>,
+    /// The router input for non-telemetry events; set once the router actor runs.
+    router: OnceLock<Addr<RouterActor>>,
+    connection_sequence: ConnectionSequence,
 }
 
 impl HubShared {
@@ -37,7 +41,28 @@ impl HubShared {
             devices: DashMap::new(),
             arbiters,
             events_appended: watch::channel(0).0,
+            router: OnceLock::new(),
+            connection_sequence: ConnectionSequence::default(),
         }
+    }
+
+    pub(crate) fn set_router(&self, router: Addr<RouterActor>) {
+        let _ = self.router.set(router);
+    }
+
+    /// Hands a non-telemetry event to the router; when its bounded input is full the event is
+    /// counted and dropped rather than queued without bound.
+    pub fn route(&self, event: SystemEvent) {
+        let Some(router) = self.router.get() else { return };
+        if router.try_send(event).is_err() {
+            metrics::counter!("iothubd_router_dropped_total", "hub" => self.name.clone()).increment(1);
+            tracing::warn!(hub = self.name, "router input full: a system event was dropped");
+        }
+    }
+
+    /// The next `sequenceNumber` of a connection-state event (service-api §11).
+    pub fn next_connection_sequence(&self) -> String {
+        self.connection_sequence.next()
     }
 
     /// The identity's actor, started (on the arbiter its key hashes to) when not live.

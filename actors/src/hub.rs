@@ -15,8 +15,10 @@ use crate::messages::{
     ImportIdentities, RegistryError, RegistryWrite, RevokeSession, SetCheckpoint, StopHub, UpdateHubSettings,
 };
 use crate::model::hub::HubDescription;
+use crate::model::identity::ConnectionView;
 use crate::model::identity::{Identity, IdentityKey, new_etag};
-use crate::model::twin::Twin;
+use crate::model::twin::{Twin, TwinIdentity};
+use crate::router::{EventSource, SystemEvent};
 use crate::store::{Store, StoreError};
 use chrono::Utc;
 
@@ -32,8 +34,24 @@ impl HubActor {
     }
 }
 
+/// How often a hub deletes events older than its retention (service-api §9).
+const RETENTION_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Actor for HubActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(RETENTION_SWEEP, |actor, _| {
+            let (store, shared) = (actor.store.clone(), actor.shared.clone());
+            let days = shared.description().properties.event_hub_endpoints.events.retention_time_in_days;
+            actix::spawn(async move {
+                let before = Utc::now() - chrono::Duration::days(i64::from(days));
+                if let Err(e) = store.expire_events(shared.name(), before).await {
+                    tracing::warn!(hub = shared.name(), error = %e, "retention sweep failed; retrying next minute");
+                }
+            });
+        });
+    }
 }
 
 /// A supervised restart keeps serving: all state is in `HubShared` and the store.
@@ -65,14 +83,42 @@ fn revoke_sessions(hub: &HubShared, key: &IdentityKey) {
     }
 }
 
-/// One registry write, then the consequences for live sessions.
+/// One registry write, then its consequences: live sessions of a disabled or deleted identity
+/// end, and creations and deletions are lifecycle events (service-api §11).
 async fn write(store: Arc<dyn Store>, shared: Arc<HubShared>, msg: RegistryWrite) -> Result<Identity, RegistryError> {
+    let op_type = match &msg {
+        RegistryWrite::Create { .. } => Some("createDeviceIdentity"),
+        RegistryWrite::Delete { .. } => Some("deleteDeviceIdentity"),
+        RegistryWrite::Replace { .. } => None,
+    };
     let deleting = matches!(msg, RegistryWrite::Delete { .. });
     let written = write_to_store(&*store, shared.name(), msg).await?;
     if deleting || !written.is_enabled() {
         revoke_sessions(&shared, &written.key);
     }
+    if let Some(op_type) = op_type {
+        shared.route(lifecycle_event(&written, op_type));
+    }
     Ok(written)
+}
+
+/// A lifecycle event: the identity's twin snapshot as the body (service-api §11).
+fn lifecycle_event(identity: &Identity, op_type: &'static str) -> SystemEvent {
+    let twin = Twin::new(identity.created_time);
+    let view = twin.service_json(&TwinIdentity::new(identity, &ConnectionView::default(), ""));
+    let mut body = serde_json::Map::new();
+    for field in ["deviceId", "moduleId", "etag", "version", "properties"] {
+        if let Some(v) = view.get(field) {
+            body.insert(field.to_owned(), v.clone());
+        }
+    }
+    SystemEvent {
+        source: EventSource::DeviceLifecycle,
+        key: identity.key.clone(),
+        op_type,
+        body: serde_json::Value::Object(body),
+        properties: Vec::new(),
+    }
 }
 
 async fn write_to_store(store: &dyn Store, hub: &str, msg: RegistryWrite) -> Result<Identity, RegistryError> {

@@ -6,6 +6,7 @@
 //! - [`import`]: bulk import modes (service-api §3).
 //! - [`device`]: `DeviceActor`, one per identity: its session slot (and soon twin, C2D, methods).
 //! - [`ingest`]: telemetry stamped and appended to the hub's events log.
+//! - [`router`]: `RouterActor`, one per hub: non-telemetry events through explicit routes.
 //! - [`hub`]: `HubActor`, one per hub: identity-registry writes and hub settings.
 //! - [`directory`]: where live hub actors are found, by hub name or host name.
 //! - [`deployment`]: every hub of the process: start from the store, create, update, delete.
@@ -21,4 +22,5 @@ pub mod import;
 pub mod ingest;
 pub mod messages;
 pub mod model;
+pub mod router;
 pub mod store;

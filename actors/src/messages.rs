@@ -109,7 +109,21 @@ pub enum DisconnectReason {
     TakenOver,
     TokenExpired,
     ProtocolError,
-    ServerShutdown,
+    IdentityRevoked,
+}
+
+impl DisconnectReason {
+    /// The `disconnectReason` application property of a `deviceDisconnected` event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "clientDisconnect",
+            Self::ConnectionLost => "connectionLost",
+            Self::TakenOver => "newerConnection",
+            Self::TokenExpired => "tokenExpired",
+            Self::ProtocolError => "protocolError",
+            Self::IdentityRevoked => "identityDisabledOrDeleted",
+        }
+    }
 }
 
 /// Session → actor: this connection now speaks for the identity. Any older session is closed.
