@@ -75,7 +75,7 @@ impl Deployment {
     }
 
     fn spawn(&self, description: HubDescription) -> HubHandle {
-        let shared = Arc::new(HubShared::new(description, self.inner.arbiters.clone()));
+        let shared = Arc::new(HubShared::new(description, self.inner.arbiters.clone(), self.inner.store.clone()));
         let store = self.inner.store.clone();
         let actor_shared = shared.clone();
         let addr = match arbiter_for(&self.inner.arbiters, shared.name()) {

@@ -16,6 +16,7 @@ use crate::hub::HubActor;
 use crate::model::hub::HubDescription;
 use crate::model::identity::IdentityKey;
 use crate::router::{ConnectionSequence, RouterActor, SystemEvent};
+use crate::store::Store;
 
 /// What everyone may read about a hub without asking its actor, and where its live device
 /// actors are.
@@ -25,6 +26,7 @@ pub struct HubShared {
     connected: AtomicU64,
     devices: DashMap<IdentityKey, Addr<DeviceActor>>,
     arbiters: Arc<[ArbiterHandle]>,
+    store: Arc<dyn Store>,
     /// Bumped after every append to the hub's events log; readers wait on it.
     events_appended: watch::Sender<u64>,
     /// The router input for non-telemetry events; set once the router actor runs.
@@ -33,13 +35,14 @@ pub struct HubShared {
 }
 
 impl HubShared {
-    pub fn new(description: HubDescription, arbiters: Arc<[ArbiterHandle]>) -> Self {
+    pub fn new(description: HubDescription, arbiters: Arc<[ArbiterHandle]>, store: Arc<dyn Store>) -> Self {
         Self {
             name: description.name.clone(),
             description: RwLock::new(Arc::new(description)),
             connected: 0.into(),
             devices: DashMap::new(),
             arbiters,
+            store,
             events_appended: watch::channel(0).0,
             router: OnceLock::new(),
             connection_sequence: ConnectionSequence::default(),
@@ -82,8 +85,8 @@ impl HubShared {
     }
 
     fn start_device(self: &Arc<Self>, key: &IdentityKey) -> Addr<DeviceActor> {
-        let (hub, actor_key) = (self.clone(), key.clone());
-        let make = move |_: &mut actix::Context<DeviceActor>| DeviceActor::new(hub, actor_key);
+        let (hub, actor_key, store) = (self.clone(), key.clone(), self.store.clone());
+        let make = move |_: &mut actix::Context<DeviceActor>| DeviceActor::new(hub, actor_key, store);
         match arbiter_for(&self.arbiters, key) {
             Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, make),
             None => DeviceActor::create(make),

@@ -18,6 +18,7 @@ use crate::model::hub::HubDescription;
 use crate::model::identity::ConnectionView;
 use crate::model::identity::{Identity, IdentityKey, new_etag};
 use crate::model::twin::{Twin, TwinIdentity};
+use crate::messages::{TwinFailure, UpdateTwin};
 use crate::router::{EventSource, SystemEvent};
 use crate::store::{Store, StoreError};
 use chrono::Utc;
@@ -162,7 +163,6 @@ async fn import_one(store: Arc<dyn Store>, shared: Arc<HubShared>, item: ImportI
     }
     let checked = if mode.matches_etag() { etag } else { None };
     let hub = shared.clone();
-    let store_for_twin = store.clone();
     let written = match mode {
         M::Create => write(store, hub, RegistryWrite::Create { key, spec }).await,
         M::Update | M::UpdateIfMatchETag => {
@@ -184,39 +184,38 @@ async fn import_one(store: Arc<dyn Store>, shared: Arc<HubShared>, item: ImportI
                 (M::UpdateTwinIfMatchETag, etag) => etag,
                 _ => None,
             };
-            return patch_twin(&*store_for_twin, shared.name(), &key, twin, twin_etag.as_deref()).await;
+            return patch_twin(&shared, &key, twin, twin_etag.as_deref()).await;
         }
     };
     let written = written?;
     if !twin.is_empty() && !matches!(mode, M::Delete | M::DeleteIfMatchETag) {
-        patch_twin(&*store_for_twin, shared.name(), &written.key, twin, None).await?;
+        patch_twin(&shared, &written.key, twin, None).await?;
     }
     Ok(())
 }
 
-/// Applies an import item's twin content as a twin PATCH, guarded by the stored version (and
-/// by `twinETag` when given). The twin issue moves twin writes into the `DeviceActor`.
+/// Applies an import item's twin content as a twin PATCH, through the identity's
+/// `DeviceActor` (the one writer of its twin), checking `twinETag` when given.
 async fn patch_twin(
-    store: &dyn Store,
-    hub: &str,
+    shared: &Arc<HubShared>,
     key: &IdentityKey,
     content: TwinImport,
     twin_etag: Option<&str>,
 ) -> Result<(), RegistryError> {
-    let identity = store
-        .get_identity(hub, key)
-        .await
-        .map_err(RegistryError::Store)?
-        .ok_or_else(|| RegistryError::NotFound(key.clone()))?;
-    let stored = store.get_twin(hub, key).await.map_err(|e| store_error(key, e))?;
-    let expected_version = stored.as_ref().map(Twin::version);
-    let mut twin = stored.unwrap_or_else(|| Twin::new(identity.created_time));
-    if twin_etag.is_some_and(|etag| etag != "*" && etag != twin.etag()) {
-        return Err(RegistryError::PreconditionFailed(key.clone()));
+    let update = UpdateTwin {
+        tags: content.tags,
+        desired: content.desired,
+        replace: false,
+        if_match: twin_etag.map(str::to_owned),
+    };
+    let reply = shared.device(key).send(update).await.map_err(|_| RegistryError::HubStopped)?;
+    match reply {
+        Ok(_) => Ok(()),
+        Err(TwinFailure::NotFound(k)) => Err(RegistryError::NotFound(k)),
+        Err(TwinFailure::PreconditionFailed) => Err(RegistryError::PreconditionFailed(key.clone())),
+        Err(TwinFailure::Invalid(reason)) => Err(RegistryError::InvalidTwin { key: key.clone(), reason }),
+        Err(TwinFailure::Store(e)) => Err(RegistryError::Store(e)),
     }
-    twin.patch(content.tags, content.desired, Utc::now())
-        .map_err(|e| RegistryError::InvalidTwin { key: key.clone(), reason: e.to_string() })?;
-    store.replace_twin(hub, key, &twin, expected_version).await.map_err(|e| store_error(key, e))
 }
 
 impl Handler<ImportIdentities> for HubActor {

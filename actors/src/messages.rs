@@ -9,6 +9,8 @@ use tokio::sync::mpsc;
 
 use crate::import::ImportItem;
 use crate::model::hub::HubDescription;
+use crate::model::twin::Twin;
+use serde_json::{Map, Value};
 use crate::model::identity::{Identity, IdentityError, IdentityKey, IdentitySpec};
 use crate::store::StoreError;
 
@@ -154,3 +156,55 @@ pub struct DetachSession {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct RevokeSession;
+
+// ---- twins: service REST and device sessions ↔ DeviceActor ----------------------------------
+
+/// A twin as read or written, with what its service view needs beside it.
+#[derive(Debug, Clone)]
+pub struct TwinRead {
+    pub twin: Twin,
+    pub identity: Identity,
+    pub connected: bool,
+}
+
+/// Why a twin operation failed, in domain terms.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TwinFailure {
+    #[error("{0} not found")]
+    NotFound(IdentityKey),
+    #[error("the ETag does not match the twin's current one")]
+    PreconditionFailed,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+/// Service twin REST → `DeviceActor`: read the twin (service-api §4).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<TwinRead, TwinFailure>")]
+pub struct GetTwin;
+
+/// Service twin REST → `DeviceActor`: PATCH (merge) or PUT (`replace`: tags and desired
+/// wholesale) — service-api §4. `if_match` is the twin ETag the caller saw (`None`/`*` =
+/// unconditional). The reply is the twin as written.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<TwinRead, TwinFailure>")]
+pub struct UpdateTwin {
+    pub tags: Option<Map<String, Value>>,
+    pub desired: Option<Map<String, Value>>,
+    pub replace: bool,
+    pub if_match: Option<String>,
+}
+
+/// Device session → `DeviceActor`: a reported-properties PATCH (device-protocol §2.6). The
+/// reply is the new reported `$version`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<u64, TwinFailure>")]
+pub struct ReportProperties(pub Map<String, Value>);
+
+/// Device session → `DeviceActor`: the device's twin GET; the reply is the device view
+/// (`{"desired":{…,"$version"},"reported":{…,"$version"}}`).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<Value, TwinFailure>")]
+pub struct GetDeviceTwin;

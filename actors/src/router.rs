@@ -1,6 +1,5 @@
 //! `RouterActor`: one per hub; the router input for events that are not telemetry
-//! (connection state, identity lifecycle; twin changes with the twin issue) — service-api
-//! §10, §11.
+//! (connection state, identity lifecycle, twin changes) — service-api §10, §11.
 //!
 //! Azure routes these sources only through explicit routes: with no route for a source, its
 //! events go nowhere. A route here delivers to the built-in `events` endpoint when its source
@@ -33,6 +32,7 @@ pub const ROUTER_MAILBOX: usize = 4096;
 pub enum EventSource {
     DeviceConnectionState,
     DeviceLifecycle,
+    TwinChange,
 }
 
 impl EventSource {
@@ -41,6 +41,7 @@ impl EventSource {
         match self {
             Self::DeviceConnectionState => "DeviceConnectionStateEvents",
             Self::DeviceLifecycle => "DeviceLifecycleEvents",
+            Self::TwinChange => "TwinChangeEvents",
         }
     }
 
@@ -49,6 +50,7 @@ impl EventSource {
         match self {
             Self::DeviceConnectionState => "deviceConnectionStateEvents",
             Self::DeviceLifecycle => "deviceLifecycleEvents",
+            Self::TwinChange => "twinChangeEvents",
         }
     }
 
@@ -57,6 +59,7 @@ impl EventSource {
         match self {
             Self::DeviceConnectionState => "deviceConnectionStateNotification",
             Self::DeviceLifecycle => "deviceLifecycleNotification",
+            Self::TwinChange => "twinChangeNotification",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! - [`error`]: every error mapped once to IoT Hub's REST form (service-api §2).
 //! - [`service`]: what every service call does first: api-version, hub from `Host`, SAS rights.
 //! - [`registry`]: identity registry REST (service-api §3), bulk import included.
+//! - [`twins`]: service twin REST (service-api §4), through the device actors.
 //! - [`operator`]: hub management (create/list/update/delete, identity export/import).
 //! - [`websocket`]: `/$iothub/websocket`, MQTT over WebSockets bridged to the MQTT endpoint.
 //! - [`observe`]: `/health`, `/metrics`, and the request metrics middleware.
@@ -17,6 +18,7 @@ pub mod observe;
 pub mod operator;
 pub mod registry;
 pub mod service;
+pub mod twins;
 pub mod websocket;
 
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     observe::configure(cfg);
     operator::configure(cfg);
     registry::configure(cfg);
+    twins::configure(cfg);
     websocket::configure(cfg);
     events::configure(cfg);
 }

@@ -1,9 +1,12 @@
 //! `DeviceActor`: one per device or module identity, activated on demand (a session attaching,
 //! later a service call), passivated when it has no session and nothing to do (DESIGN.md §2).
 //!
-//! Today it owns the identity's session slot: one live session per identity, the newer one
-//! wins and the older is told to close (device-protocol §2.3). Twins, C2D queues and pending
-//! method calls join it with the twin/methods/C2D issue.
+//! It owns the identity's session slot — one live session per identity, the newer one wins and
+//! the older is told to close (device-protocol §2.3) — and its twin ([`twin`]), loaded on first
+//! use and written through to the store on every change. C2D queues and pending method calls
+//! join it with the methods/C2D work.
+
+mod twin;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,9 @@ use crate::messages::{
     AttachOutcome, AttachSession, CloseReason, DetachSession, DisconnectReason, RevokeSession, SessionCommand,
 };
 use crate::model::identity::IdentityKey;
+use crate::model::twin::Twin;
 use crate::router::{EventSource, SystemEvent};
+use crate::store::Store;
 
 /// How long an actor with no session stays in memory before it stops.
 pub const PASSIVATE_AFTER: Duration = Duration::from_secs(60);
@@ -29,6 +34,9 @@ struct AttachedSession {
 pub struct DeviceActor {
     hub: Arc<HubShared>,
     key: IdentityKey,
+    store: Arc<dyn Store>,
+    /// The twin as last read or written; `None` until first used.
+    twin: Option<Twin>,
     session: Option<AttachedSession>,
     /// A persistent (clean session 0) session existed before; its subscriptions are kept.
     persistent_state: bool,
@@ -36,8 +44,8 @@ pub struct DeviceActor {
 }
 
 impl DeviceActor {
-    pub fn new(hub: Arc<HubShared>, key: IdentityKey) -> Self {
-        Self { hub, key, session: None, persistent_state: false, idle_timer: None }
+    pub fn new(hub: Arc<HubShared>, key: IdentityKey, store: Arc<dyn Store>) -> Self {
+        Self { hub, key, store, twin: None, session: None, persistent_state: false, idle_timer: None }
     }
 
     fn arm_idle_timer(&mut self, ctx: &mut Context<Self>) {

@@ -1,0 +1,210 @@
+//! The twin side of a `DeviceActor` (service-api §4, device-protocol §2.6).
+//!
+//! Twin operations are atomic per identity: each handler holds the actor's mailbox
+//! (`AtomicResponse`) while it reads, changes and writes the twin, so two writers never
+//! interleave. The store write is guarded by the version read; a write made elsewhere (a bulk
+//! import) makes it fail, and the operation is retried once on a fresh read.
+
+use actix::prelude::*;
+use chrono::Utc;
+use serde_json::Value;
+
+use super::DeviceActor;
+use crate::messages::{GetDeviceTwin, GetTwin, ReportProperties, TwinFailure, TwinRead, UpdateTwin};
+use crate::model::identity::{Identity, IdentityKey};
+use crate::model::twin::Twin;
+use crate::router::{EventSource, SystemEvent};
+use crate::store::{Store, StoreError};
+
+/// What a twin change produced besides the new twin.
+struct Changed {
+    read: TwinRead,
+    event: Option<(&'static str, Value)>,
+}
+
+fn store_failure(key: &IdentityKey, e: StoreError) -> TwinFailure {
+    match e {
+        StoreError::NotFound => TwinFailure::NotFound(key.clone()),
+        StoreError::PreconditionFailed => TwinFailure::PreconditionFailed,
+        other => TwinFailure::Store(other),
+    }
+}
+
+/// The identity and its twin (the cached one when given, else the stored one, else new).
+async fn load(
+    store: &dyn Store,
+    hub: &str,
+    key: &IdentityKey,
+    cached: Option<Twin>,
+) -> Result<(Identity, Twin, Option<u64>), TwinFailure> {
+    let identity = store
+        .get_identity(hub, key)
+        .await
+        .map_err(|e| store_failure(key, e))?
+        .ok_or_else(|| TwinFailure::NotFound(key.clone()))?;
+    let stored = match cached {
+        Some(twin) => Some(twin),
+        None => store.get_twin(hub, key).await.map_err(|e| store_failure(key, e))?,
+    };
+    let expected = stored.as_ref().map(Twin::version);
+    let twin = stored.unwrap_or_else(|| Twin::new(identity.created_time));
+    Ok((identity, twin, expected))
+}
+
+/// Read, change with `apply`, write — retried once on a fresh read if the stored twin moved.
+async fn change<F>(
+    store: std::sync::Arc<dyn Store>,
+    hub: String,
+    key: IdentityKey,
+    cached: Option<Twin>,
+    connected: bool,
+    apply: F,
+) -> Result<Changed, TwinFailure>
+where
+    F: Fn(&mut Twin) -> Result<Option<(&'static str, Value)>, TwinFailure>,
+{
+    let mut cached = cached;
+    for attempt in 0..2 {
+        let (identity, mut twin, expected) = load(&*store, &hub, &key, cached.take()).await?;
+        let event = apply(&mut twin)?;
+        match store.replace_twin(&hub, &key, &twin, expected).await {
+            Ok(()) => return Ok(Changed { read: TwinRead { twin, identity, connected }, event }),
+            Err(StoreError::PreconditionFailed) if attempt == 0 => continue,
+            Err(e) => return Err(store_failure(&key, e)),
+        }
+    }
+    Err(TwinFailure::PreconditionFailed)
+}
+
+impl DeviceActor {
+    fn twin_event(&self, op_type: &'static str, body: Value) {
+        self.hub.route(SystemEvent {
+            source: EventSource::TwinChange,
+            key: self.key.clone(),
+            op_type,
+            body,
+            properties: Vec::new(),
+        });
+    }
+}
+
+impl Handler<GetTwin> for DeviceActor {
+    type Result = AtomicResponse<Self, Result<TwinRead, TwinFailure>>;
+
+    fn handle(&mut self, _: GetTwin, _: &mut Context<Self>) -> Self::Result {
+        let (store, hub, key, cached) =
+            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
+        let connected = self.session.is_some();
+        let fut = async move {
+            let (identity, twin, _) = load(&*store, &hub, &key, cached).await?;
+            Ok(TwinRead { twin, identity, connected })
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res: Result<TwinRead, TwinFailure>, actor, _| {
+            if let Ok(read) = &res {
+                actor.twin = Some(read.twin.clone());
+            }
+            res
+        })))
+    }
+}
+
+impl Handler<UpdateTwin> for DeviceActor {
+    type Result = AtomicResponse<Self, Result<TwinRead, TwinFailure>>;
+
+    fn handle(&mut self, msg: UpdateTwin, _: &mut Context<Self>) -> Self::Result {
+        let (store, hub, key, cached) =
+            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
+        let connected = self.session.is_some();
+        let apply = move |twin: &mut Twin| {
+            if let Some(expected) = msg.if_match.as_deref().filter(|e| *e != "*") {
+                if expected != twin.etag() {
+                    return Err(TwinFailure::PreconditionFailed);
+                }
+            }
+            let now = Utc::now();
+            if msg.replace {
+                twin.replace(msg.tags.clone().unwrap_or_default(), msg.desired.clone().unwrap_or_default(), now)
+                    .map_err(|e| TwinFailure::Invalid(e.to_string()))?;
+                Ok(Some(("replaceTwin", Value::Null)))
+            } else {
+                let update = twin
+                    .patch(msg.tags.clone(), msg.desired.clone(), now)
+                    .map_err(|e| TwinFailure::Invalid(e.to_string()))?;
+                Ok(update.change_event.map(|body| ("updateTwin", body)))
+            }
+        };
+        let fut = change(store, hub, key, cached, connected, apply);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, _| {
+            let changed = match res {
+                Ok(c) => c,
+                Err(e) => {
+                    // The cache may be stale after a failed write; read afresh next time.
+                    actor.twin = None;
+                    return Err(e);
+                }
+            };
+            actor.twin = Some(changed.read.twin.clone());
+            if let Some((op_type, body)) = changed.event {
+                // A replace's event body is the whole twin as written (service-api §11).
+                let body = if body.is_null() {
+                    let identity = crate::model::twin::TwinIdentity::new(
+                        &changed.read.identity,
+                        &crate::model::identity::ConnectionView::default(),
+                        "",
+                    );
+                    changed.read.twin.service_json(&identity)
+                } else {
+                    body
+                };
+                actor.twin_event(op_type, body);
+            }
+            Ok(changed.read)
+        })))
+    }
+}
+
+impl Handler<ReportProperties> for DeviceActor {
+    type Result = AtomicResponse<Self, Result<u64, TwinFailure>>;
+
+    fn handle(&mut self, msg: ReportProperties, _: &mut Context<Self>) -> Self::Result {
+        let (store, hub, key, cached) =
+            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
+        let connected = self.session.is_some();
+        let apply = move |twin: &mut Twin| {
+            let update = twin.report(msg.0.clone(), Utc::now()).map_err(|e| TwinFailure::Invalid(e.to_string()))?;
+            Ok(update.change_event.map(|body| ("updateTwin", body)))
+        };
+        let fut = change(store, hub, key, cached, connected, apply);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, _| match res {
+            Ok(changed) => {
+                let version = changed.read.twin.reported_version();
+                actor.twin = Some(changed.read.twin);
+                if let Some((op_type, body)) = changed.event {
+                    actor.twin_event(op_type, body);
+                }
+                Ok(version)
+            }
+            Err(e) => {
+                actor.twin = None;
+                Err(e)
+            }
+        })))
+    }
+}
+
+impl Handler<GetDeviceTwin> for DeviceActor {
+    type Result = AtomicResponse<Self, Result<Value, TwinFailure>>;
+
+    fn handle(&mut self, _: GetDeviceTwin, _: &mut Context<Self>) -> Self::Result {
+        let (store, hub, key, cached) =
+            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
+        let fut = async move { load(&*store, &hub, &key, cached).await.map(|(_, twin, _)| twin) };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res: Result<Twin, TwinFailure>, actor, _| {
+            res.map(|twin| {
+                let view = twin.device_json();
+                actor.twin = Some(twin);
+                view
+            })
+        })))
+    }
+}
