@@ -9,10 +9,10 @@ use tokio::sync::mpsc;
 
 use crate::import::ImportItem;
 use crate::model::hub::HubDescription;
-use crate::model::twin::Twin;
-use serde_json::{Map, Value};
 use crate::model::identity::{Identity, IdentityError, IdentityKey, IdentitySpec};
+use crate::model::twin::Twin;
 use crate::store::StoreError;
+use serde_json::{Map, Value};
 
 /// One identity-registry write. Sent by the registry REST (service-api §3) and by the bulk
 /// import to the hub's `HubActor`; the reply is the identity as written (or as deleted).
@@ -93,6 +93,10 @@ pub struct StopHub;
 pub enum SessionCommand {
     /// Close the connection.
     Close(CloseReason),
+    /// Send a direct-method request to the device (device-protocol §2.7).
+    MethodRequest { name: String, rid: String, payload: Vec<u8> },
+    /// Send a desired-properties patch (device-protocol §2.6) if the device subscribed.
+    DesiredPatch { version: u64, body: Vec<u8> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,3 +212,57 @@ pub struct ReportProperties(pub Map<String, Value>);
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "Result<Value, TwinFailure>")]
 pub struct GetDeviceTwin;
+
+// ---- direct methods: service REST and device sessions ↔ DeviceActor -------------------------
+
+/// Service REST → `DeviceActor`: invoke a direct method (service-api §6). Waits up to
+/// `connect_timeout` for the device to be online (connected and subscribed to methods), then
+/// up to `response_timeout` for its answer.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<MethodResult, MethodFailure>")]
+pub struct InvokeMethod {
+    pub name: String,
+    /// The request payload, JSON text (`null` when none).
+    pub payload: Vec<u8>,
+    pub response_timeout: std::time::Duration,
+    pub connect_timeout: std::time::Duration,
+}
+
+/// The device's answer: its status and payload (JSON text; empty when none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodResult {
+    pub status: i32,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MethodFailure {
+    #[error("{0} not found")]
+    NotFound(IdentityKey),
+    #[error("the device is not online (connected and subscribed to methods)")]
+    NotOnline,
+    #[error("the device did not answer within the response timeout")]
+    Timeout,
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+/// Session → `DeviceActor`: the device answered request `rid`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct MethodResponse {
+    pub connection_id: u64,
+    pub rid: String,
+    pub status: i32,
+    pub payload: Vec<u8>,
+}
+
+/// Session → `DeviceActor`: what the session now receives (its SUBSCRIBEs, device-protocol
+/// §2.5), so the actor knows whether it is online for methods and desired patches.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct SessionSubscriptions {
+    pub connection_id: u64,
+    pub methods: bool,
+    pub desired: bool,
+}

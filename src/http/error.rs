@@ -28,7 +28,10 @@ pub enum ErrorCode {
     DeviceAlreadyExists,
     ModuleAlreadyExistsOnDevice,
     PreconditionFailed,
+    MessageTooLarge,
     TooManyDevices,
+    DeviceNotOnline,
+    GatewayTimeout,
     ServerError,
     ServiceUnavailable,
 }
@@ -48,7 +51,10 @@ impl ErrorCode {
             Self::DeviceAlreadyExists => "DeviceAlreadyExists",
             Self::ModuleAlreadyExistsOnDevice => "ModuleAlreadyExistsOnDevice",
             Self::PreconditionFailed => "PreconditionFailed",
+            Self::MessageTooLarge => "MessageTooLarge",
             Self::TooManyDevices => "TooManyDevices",
+            Self::DeviceNotOnline => "DeviceNotOnline",
+            Self::GatewayTimeout => "GatewayTimeout",
             Self::ServerError => "ServerError",
             Self::ServiceUnavailable => "ServiceUnavailable",
         }
@@ -63,10 +69,11 @@ impl ErrorCode {
             | Self::DeviceDefinedMultipleTimes
             | Self::BulkRegistryOperationFailure => StatusCode::BAD_REQUEST,
             Self::IotHubUnauthorizedAccess => StatusCode::UNAUTHORIZED,
-            Self::DeviceNotFound | Self::ModuleNotFound => StatusCode::NOT_FOUND,
+            Self::DeviceNotFound | Self::ModuleNotFound | Self::DeviceNotOnline => StatusCode::NOT_FOUND,
             Self::DeviceAlreadyExists | Self::ModuleAlreadyExistsOnDevice => StatusCode::CONFLICT,
             Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-            Self::TooManyDevices => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyDevices | Self::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
             Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -4,6 +4,7 @@
 //! - [`service`]: what every service call does first: api-version, hub from `Host`, SAS rights.
 //! - [`registry`]: identity registry REST (service-api §3), bulk import included.
 //! - [`twins`]: service twin REST (service-api §4), through the device actors.
+//! - [`methods`]: direct methods (service-api §6), through the device actors.
 //! - [`operator`]: hub management (create/list/update/delete, identity export/import).
 //! - [`websocket`]: `/$iothub/websocket`, MQTT over WebSockets bridged to the MQTT endpoint.
 //! - [`observe`]: `/health`, `/metrics`, and the request metrics middleware.
@@ -14,6 +15,7 @@
 
 pub mod error;
 pub mod events;
+pub mod methods;
 pub mod observe;
 pub mod operator;
 pub mod registry;
@@ -46,6 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     operator::configure(cfg);
     registry::configure(cfg);
     twins::configure(cfg);
+    methods::configure(cfg);
     websocket::configure(cfg);
     events::configure(cfg);
 }

@@ -25,7 +25,7 @@ use ntex_tls::rustls::PeerCert;
 use tokio::sync::mpsc;
 
 use super::session::MqttSession;
-use super::topic::parse_username;
+use super::topic::{self, parse_username};
 use crate::auth::{self, Principal, SasToken};
 
 /// Azure's load balancer idle limit: keep-alive is enforced at 1.5 × the client's value, at
@@ -177,6 +177,14 @@ pub async fn handshake(
                 SessionCommand::Close(_) => {
                     command_reason.set(DisconnectReason::TakenOver);
                     sink.close();
+                }
+                // Hub → device requests go at QoS 0: SDKs take any granted QoS up to 1, and a
+                // lost request surfaces as the caller's timeout (device-protocol §2.3, §2.7).
+                SessionCommand::MethodRequest { name, rid, payload } => {
+                    let _ = sink.publish(topic::method_request(&name, &rid)).send_at_most_once(payload.into());
+                }
+                SessionCommand::DesiredPatch { version, body } => {
+                    let _ = sink.publish(topic::desired_patch(version as i64)).send_at_most_once(body.into());
                 }
             }
         }

@@ -4,6 +4,7 @@
 //!   SUBSCRIBE handling.
 //! - [`connect`]: CONNECT — username, SAS, CONNACK codes, attaching to the `DeviceActor`.
 //! - [`session`]: one connection's state; PUBACK ordering; detach when it ends.
+//! - [`twin`]: device twin GET and reported PATCH (§2.6).
 //! - [`telemetry`]: a telemetry PUBLISH as an events-log message.
 //! - [`topic`]: device PUBLISH topics and SUBSCRIBE filters classified for the connected
 //!   identity, the topics the hub publishes on, and the CONNECT username.
@@ -16,3 +17,4 @@ pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod topic;
+pub mod twin;

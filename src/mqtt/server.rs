@@ -23,6 +23,8 @@ use super::connect::{MqttContext, SessionError, handshake};
 use super::session::{MAX_SUBSCRIPTIONS, MqttSession};
 use super::telemetry::{MAX_MESSAGE_SIZE, event_from_publish};
 use super::topic::{DeviceTopic, Subscription};
+use super::twin;
+use iothubd_actors::messages::{MethodResponse, SessionSubscriptions};
 
 /// Inbound QoS 1 PUBLISHes one connection may have in flight (awaiting PUBACK).
 const MAX_INFLIGHT: u16 = 128;
@@ -120,33 +122,63 @@ fn mqtt_service<F: Filter>(
         .map_err(|e| format!("{e:?}"))
 }
 
-/// A PUBLISH from the device. Anything but its own telemetry topic (and, with the twin and
-/// methods issue, the twin and method topics) closes the connection (device-protocol §2.3).
+/// A PUBLISH from the device: telemetry, a twin request, or a method response
+/// (device-protocol §2.5). Anything else — another identity's topic, an unknown topic — closes
+/// the connection (§2.3). Every PUBLISH returns (and is acknowledged) in arrival order.
 async fn publish(session: v3::Session<MqttSession>, publish: v3::Publish) -> Result<(), SessionError> {
     let state: &MqttSession = &session;
     let topic = publish.publish_topic();
-    let bag = match DeviceTopic::parse(topic, &state.key) {
-        Ok(DeviceTopic::Telemetry { bag }) => bag,
-        Ok(other) => {
-            state.disconnect_reason.set(DisconnectReason::ProtocolError);
-            return Err(SessionError::Refused(format!("topic not served yet: {other:?}")));
-        }
+    let parsed = match DeviceTopic::parse(topic, &state.key) {
+        Ok(t) => t,
         Err(e) => {
             state.disconnect_reason.set(DisconnectReason::ProtocolError);
             return Err(SessionError::Refused(format!("PUBLISH to '{topic}' refused: {e}")));
         }
     };
     let body = publish.read_all().await.map_err(|e| SessionError::Refused(format!("payload: {e:?}")))?;
-    let event = event_from_publish(bag, &body, publish.retain()).map_err(|e| {
-        state.disconnect_reason.set(DisconnectReason::ProtocolError);
-        SessionError::Refused(e.to_string())
-    })?;
-    let append = state.ingest.telemetry(&state.hub, &state.sender, event);
-    match state.ack_in_order(append).await {
-        Ok(_) => Ok(()),
-        // Not durable: no PUBACK. Closing makes the device send it again after reconnecting.
-        Err(e) => Err(SessionError::Refused(format!("telemetry not stored: {e}"))),
+    match parsed {
+        DeviceTopic::Telemetry { bag } => {
+            let event = event_from_publish(bag, &body, publish.retain()).map_err(|e| {
+                state.disconnect_reason.set(DisconnectReason::ProtocolError);
+                SessionError::Refused(e.to_string())
+            })?;
+            let append = state.ingest.telemetry(&state.hub, &state.sender, event);
+            match state.ack_in_order(append).await {
+                Ok(_) => Ok(()),
+                // Not durable: no PUBACK. Closing makes the device send it again after reconnecting.
+                Err(e) => Err(SessionError::Refused(format!("telemetry not stored: {e}"))),
+            }
+        }
+        DeviceTopic::TwinGet { rid } => {
+            let reply = state.ack_in_order(twin::get(state)).await;
+            twin::respond(session.sink(), rid, reply);
+            Ok(())
+        }
+        DeviceTopic::TwinReportedPatch { rid } => {
+            let reply = state.ack_in_order(twin::report(state, &body)).await;
+            twin::respond(session.sink(), rid, reply);
+            Ok(())
+        }
+        DeviceTopic::MethodResponse { status, rid } => {
+            state.actor.do_send(MethodResponse {
+                connection_id: state.connection_id,
+                rid: rid.into_owned(),
+                status,
+                payload: body.to_vec(),
+            });
+            state.ack_in_order(async {}).await;
+            Ok(())
+        }
     }
+}
+
+/// Tells the device actor what this session receives, after a SUBSCRIBE or UNSUBSCRIBE.
+fn report_subscriptions(state: &MqttSession, subscriptions: &[Subscription]) {
+    state.actor.do_send(SessionSubscriptions {
+        connection_id: state.connection_id,
+        methods: subscriptions.contains(&Subscription::MethodRequests),
+        desired: subscriptions.contains(&Subscription::DesiredPatches),
+    });
 }
 
 /// SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT.
@@ -168,6 +200,7 @@ async fn protocol(session: v3::Session<MqttSession>, msg: ProtocolMessage) -> Re
                     _ => item.fail(),
                 }
             }
+            report_subscriptions(state, &subscriptions);
             sub.ack()
         }
         ProtocolMessage::Unsubscribe(unsub) => {
@@ -177,6 +210,7 @@ async fn protocol(session: v3::Session<MqttSession>, msg: ProtocolMessage) -> Re
                     subscriptions.retain(|existing| *existing != s);
                 }
             }
+            report_subscriptions(state, &subscriptions);
             unsub.ack()
         }
         ProtocolMessage::Disconnect(d) => {

@@ -6,6 +6,7 @@
 //! use and written through to the store on every change. C2D queues and pending method calls
 //! join it with the methods/C2D work.
 
+pub mod methods;
 mod twin;
 
 use std::sync::Arc;
@@ -37,6 +38,15 @@ pub struct DeviceActor {
     store: Arc<dyn Store>,
     /// The twin as last read or written; `None` until first used.
     twin: Option<Twin>,
+    /// Direct-method calls sent to the session, by `$rid`.
+    pending: std::collections::HashMap<String, methods::Pending>,
+    /// Direct-method calls waiting for the device to come online.
+    waiting: Vec<methods::Waiting>,
+    next_rid: u64,
+    next_waiting: u64,
+    /// What the attached session subscribed to (device-protocol §2.5).
+    methods_subscribed: bool,
+    desired_subscribed: bool,
     session: Option<AttachedSession>,
     /// A persistent (clean session 0) session existed before; its subscriptions are kept.
     persistent_state: bool,
@@ -45,7 +55,21 @@ pub struct DeviceActor {
 
 impl DeviceActor {
     pub fn new(hub: Arc<HubShared>, key: IdentityKey, store: Arc<dyn Store>) -> Self {
-        Self { hub, key, store, twin: None, session: None, persistent_state: false, idle_timer: None }
+        Self {
+            hub,
+            key,
+            store,
+            twin: None,
+            pending: Default::default(),
+            waiting: Vec::new(),
+            next_rid: 0,
+            next_waiting: 0,
+            methods_subscribed: false,
+            desired_subscribed: false,
+            session: None,
+            persistent_state: false,
+            idle_timer: None,
+        }
     }
 
     fn arm_idle_timer(&mut self, ctx: &mut Context<Self>) {
@@ -53,8 +77,10 @@ impl DeviceActor {
             ctx.cancel_future(t);
         }
         self.idle_timer = Some(ctx.run_later(PASSIVATE_AFTER, |actor, ctx| {
-            if actor.session.is_none() {
+            if actor.session.is_none() && actor.pending.is_empty() && actor.waiting.is_empty() {
                 ctx.stop();
+            } else if actor.session.is_none() {
+                actor.arm_idle_timer(ctx);
             }
         }));
     }
@@ -109,9 +135,15 @@ impl Handler<AttachSession> for DeviceActor {
         self.close_session(CloseReason::NewerSession);
         let session_present = !msg.clean_session && self.persistent_state;
         self.persistent_state = !msg.clean_session;
+        if !session_present {
+            // A new session starts with no subscriptions; a kept one keeps them (§2.8).
+            self.methods_subscribed = false;
+            self.desired_subscribed = false;
+        }
         self.session = Some(AttachedSession { connection_id: msg.connection_id, outbound: msg.outbound });
         self.hub.session_attached();
         self.connection_event("deviceConnected", None);
+        self.release_waiting(ctx);
         if let Some(t) = self.idle_timer.take() {
             ctx.cancel_future(t);
         }

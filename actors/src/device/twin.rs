@@ -10,9 +10,9 @@ use chrono::Utc;
 use serde_json::Value;
 
 use super::DeviceActor;
-use crate::messages::{GetDeviceTwin, GetTwin, ReportProperties, TwinFailure, TwinRead, UpdateTwin};
+use crate::messages::{GetDeviceTwin, GetTwin, ReportProperties, SessionCommand, TwinFailure, TwinRead, UpdateTwin};
 use crate::model::identity::{Identity, IdentityKey};
-use crate::model::twin::Twin;
+use crate::model::twin::{DesiredUpdate, Twin};
 use crate::router::{EventSource, SystemEvent};
 use crate::store::{Store, StoreError};
 
@@ -20,7 +20,12 @@ use crate::store::{Store, StoreError};
 struct Changed {
     read: TwinRead,
     event: Option<(&'static str, Value)>,
+    desired: Option<DesiredUpdate>,
 }
+
+/// What applying a change to a twin yields: the change event, and the desired-properties
+/// notification for the device when desired changed.
+type Applied = (Option<(&'static str, Value)>, Option<DesiredUpdate>);
 
 fn store_failure(key: &IdentityKey, e: StoreError) -> TwinFailure {
     match e {
@@ -61,14 +66,14 @@ async fn change<F>(
     apply: F,
 ) -> Result<Changed, TwinFailure>
 where
-    F: Fn(&mut Twin) -> Result<Option<(&'static str, Value)>, TwinFailure>,
+    F: Fn(&mut Twin) -> Result<Applied, TwinFailure>,
 {
     let mut cached = cached;
     for attempt in 0..2 {
         let (identity, mut twin, expected) = load(&*store, &hub, &key, cached.take()).await?;
-        let event = apply(&mut twin)?;
+        let (event, desired) = apply(&mut twin)?;
         match store.replace_twin(&hub, &key, &twin, expected).await {
-            Ok(()) => return Ok(Changed { read: TwinRead { twin, identity, connected }, event }),
+            Ok(()) => return Ok(Changed { read: TwinRead { twin, identity, connected }, event, desired }),
             Err(StoreError::PreconditionFailed) if attempt == 0 => continue,
             Err(e) => return Err(store_failure(&key, e)),
         }
@@ -77,6 +82,15 @@ where
 }
 
 impl DeviceActor {
+    /// Desired changes go only to a connected, subscribed device; nothing is queued offline
+    /// (device-protocol §2.6: devices re-GET after reconnecting).
+    fn push_desired(&self, desired: DesiredUpdate) {
+        if let (Some(session), true) = (&self.session, self.desired_subscribed) {
+            let body = desired.body.to_string().into_bytes();
+            let _ = session.outbound.try_send(SessionCommand::DesiredPatch { version: desired.version, body });
+        }
+    }
+
     fn twin_event(&self, op_type: &'static str, body: Value) {
         self.hub.route(SystemEvent {
             source: EventSource::TwinChange,
@@ -123,14 +137,15 @@ impl Handler<UpdateTwin> for DeviceActor {
             }
             let now = Utc::now();
             if msg.replace {
-                twin.replace(msg.tags.clone().unwrap_or_default(), msg.desired.clone().unwrap_or_default(), now)
+                let desired = twin
+                    .replace(msg.tags.clone().unwrap_or_default(), msg.desired.clone().unwrap_or_default(), now)
                     .map_err(|e| TwinFailure::Invalid(e.to_string()))?;
-                Ok(Some(("replaceTwin", Value::Null)))
+                Ok((Some(("replaceTwin", Value::Null)), Some(desired)))
             } else {
                 let update = twin
                     .patch(msg.tags.clone(), msg.desired.clone(), now)
                     .map_err(|e| TwinFailure::Invalid(e.to_string()))?;
-                Ok(update.change_event.map(|body| ("updateTwin", body)))
+                Ok((update.change_event.map(|body| ("updateTwin", body)), update.desired))
             }
         };
         let fut = change(store, hub, key, cached, connected, apply);
@@ -144,6 +159,9 @@ impl Handler<UpdateTwin> for DeviceActor {
                 }
             };
             actor.twin = Some(changed.read.twin.clone());
+            if let Some(desired) = changed.desired {
+                actor.push_desired(desired);
+            }
             if let Some((op_type, body)) = changed.event {
                 // A replace's event body is the whole twin as written (service-api §11).
                 let body = if body.is_null() {
@@ -172,7 +190,7 @@ impl Handler<ReportProperties> for DeviceActor {
         let connected = self.session.is_some();
         let apply = move |twin: &mut Twin| {
             let update = twin.report(msg.0.clone(), Utc::now()).map_err(|e| TwinFailure::Invalid(e.to_string()))?;
-            Ok(update.change_event.map(|body| ("updateTwin", body)))
+            Ok((update.change_event.map(|body| ("updateTwin", body)), None))
         };
         let fut = change(store, hub, key, cached, connected, apply);
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, _| match res {
