@@ -57,7 +57,8 @@ async fn patch_merges_null_deletes_and_versions_move() {
     assert!(t["properties"]["desired"]["$metadata"]["cfg"].get("mode").is_none());
 
     // Tags only: desired $version stays.
-    let t: Value = twin(&hub, Method::PATCH, "/twins/t2", Some(json!({ "tags": { "x": true } }))).await.json().await.unwrap();
+    let t: Value =
+        twin(&hub, Method::PATCH, "/twins/t2", Some(json!({ "tags": { "x": true } }))).await.json().await.unwrap();
     assert_eq!(t["properties"]["desired"]["$version"], 3);
     // Persisted: a fresh read after the actor is gone sees the same (read through the store).
     let again: Value = twin(&hub, Method::GET, "/twins/t2", None).await.json().await.unwrap();
@@ -69,10 +70,18 @@ async fn patch_merges_null_deletes_and_versions_move() {
 async fn stale_etag_is_412_and_put_replaces_tags_and_desired() {
     let hub = start();
     create(&hub, "/devices/t3").await;
-    let t: Value = twin(&hub, Method::PATCH, "/twins/t3", Some(json!({ "tags": { "a": 1, "b": 2 } }))).await.json().await.unwrap();
+    let t: Value =
+        twin(&hub, Method::PATCH, "/twins/t3", Some(json!({ "tags": { "a": 1, "b": 2 } }))).await.json().await.unwrap();
     let etag = t["etag"].as_str().unwrap().to_owned();
-    let t2: Value = twin(&hub, Method::PATCH, "/twins/t3", Some(json!({ "tags": { "c": 3 } }))).await.json().await.unwrap();
-    let r = hub.owner(Method::PATCH, "/twins/t3").header("If-Match", format!("\"{etag}\"")).json(&json!({ "tags": { "d": 4 } })).send().await.unwrap();
+    let t2: Value =
+        twin(&hub, Method::PATCH, "/twins/t3", Some(json!({ "tags": { "c": 3 } }))).await.json().await.unwrap();
+    let r = hub
+        .owner(Method::PATCH, "/twins/t3")
+        .header("If-Match", format!("\"{etag}\""))
+        .json(&json!({ "tags": { "d": 4 } }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
     assert_eq!(r.headers().get("iothub-errorcode").unwrap(), "PreconditionFailed");
 
@@ -117,11 +126,16 @@ async fn module_twins_carry_the_module_id() {
     let hub = start();
     create(&hub, "/devices/edge").await;
     create(&hub, "/devices/edge/modules/m1").await;
-    let t: Value = twin(&hub, Method::PATCH, "/twins/edge/modules/m1", Some(json!({ "properties": { "desired": { "on": true } } })))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let t: Value = twin(
+        &hub,
+        Method::PATCH,
+        "/twins/edge/modules/m1",
+        Some(json!({ "properties": { "desired": { "on": true } } })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!((t["deviceId"].as_str(), t["moduleId"].as_str()), (Some("edge"), Some("m1")));
     assert_eq!(t["properties"]["desired"]["on"], true);
     let device: Value = twin(&hub, Method::GET, "/twins/edge", None).await.json().await.unwrap();

@@ -14,11 +14,11 @@ use crate::import::{ImportItem, ImportMode, TwinImport};
 use crate::messages::{
     ImportIdentities, RegistryError, RegistryWrite, RevokeSession, SetCheckpoint, StopHub, UpdateHubSettings,
 };
+use crate::messages::{TwinFailure, UpdateTwin};
 use crate::model::hub::HubDescription;
 use crate::model::identity::ConnectionView;
 use crate::model::identity::{Identity, IdentityKey, new_etag};
 use crate::model::twin::{Twin, TwinIdentity};
-use crate::messages::{TwinFailure, UpdateTwin};
 use crate::router::{EventSource, SystemEvent};
 use crate::store::{Store, StoreError};
 use chrono::Utc;

@@ -91,7 +91,8 @@ async fn update(
     let key = twin_key(&req)?;
     let doc: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::IotHubFormatError, format!("the body is not valid JSON: {e}")))?;
-    let obj = doc.as_object().ok_or_else(|| ApiError::new(ErrorCode::IotHubFormatError, "the body must be a JSON object"))?;
+    let obj =
+        doc.as_object().ok_or_else(|| ApiError::new(ErrorCode::IotHubFormatError, "the body must be a JSON object"))?;
     let properties = obj.get("properties");
     if properties.and_then(|p| p.get("reported")).is_some_and(|r| !r.is_null()) {
         return Err(ApiError::invalid("properties.reported is written by the device, not by the service"));
