@@ -489,3 +489,39 @@ async fn silent_client_is_closed_after_one_and_a_half_keep_alives() {
     .await;
     assert!(closed_by_hub.is_ok(), "the hub closes a client silent for 1.5 × keep-alive");
 }
+
+#[tokio::test]
+async fn malformed_packets_close_only_their_own_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let hub = common::start_with_plain_mqtt(port);
+    let (good, mut good_loop) = connected(&hub, "bystander").await;
+    for garbage in [&[0xFFu8, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..], b"GET / HTTP/1.1\r\n\r\n", &[0x10, 0x02, 0x00, 0x04]] {
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        raw.write_all(garbage).await.unwrap();
+        let mut buf = [0u8; 64];
+        // The hub answers nothing an MQTT client could take for a session and closes.
+        let closed = tokio::time::timeout(WAIT, async {
+            loop {
+                match raw.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert_eq!(closed, Ok(true), "garbage {garbage:?} closes the connection");
+    }
+    good.publish("devices/bystander/messages/events/", QoS::AtLeastOnce, false, "still here").await.unwrap();
+    assert_eq!(pubacks(&mut good_loop, 1).await.len(), 1, "other sessions are not disturbed");
+}
+
+#[tokio::test]
+async fn the_session_ends_when_its_sas_token_expires() {
+    let hub = start();
+    let key = create_device(&hub, "shortlived").await;
+    let (_client, mut eventloop) =
+        client(&hub, "shortlived", &username(&hub, "shortlived"), &device_token(&hub, "shortlived", &key, 2));
+    assert_eq!(connack(&mut eventloop).await, Ok(ConnectReturnCode::Success));
+    assert!(closed(&mut eventloop).await, "the hub closes the session when the token expires");
+}

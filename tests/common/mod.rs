@@ -63,6 +63,20 @@ pub fn start() -> TestHub {
     start_with_backend(false)
 }
 
+/// A hub that also serves plain MQTT on `port` (for tests that write raw bytes).
+pub fn start_with_plain_mqtt(port: u16) -> TestHub {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let name = unique_hub_name();
+    let owner_key = generate_key();
+    let registry_read_key = generate_key();
+    let mut cfg = test_config(dir.path(), &name, &owner_key, &registry_read_key, false);
+    cfg.ports.mqtt_plain = port;
+    let server = server::start(cfg).expect("hub starts");
+    let host = format!("{name}.azure-devices.net");
+    let client = client_for(dir.path(), &host, server.info.https);
+    TestHub { server, dir, name, host, owner_key, registry_read_key, client }
+}
+
 pub fn start_with_backend(postgres: bool) -> TestHub {
     let dir = tempfile::tempdir().expect("temp dir");
     let name = unique_hub_name();
