@@ -2,6 +2,7 @@
 //!
 //! - [`error`]: every error mapped once to IoT Hub's REST form (service-api §2).
 //! - [`service`]: what every service call does first: api-version, hub from `Host`, SAS rights.
+//! - [`device`]: the HTTPS device API: telemetry, single and batch (device-protocol §3).
 //! - [`registry`]: identity registry REST (service-api §3), bulk import included.
 //! - [`twins`]: service twin REST (service-api §4), through the device actors.
 //! - [`methods`]: direct methods (service-api §6), through the device actors.
@@ -13,6 +14,7 @@
 //!
 //! Handlers parse the wire and send messages to actors; they never write the store.
 
+pub mod device;
 pub mod error;
 pub mod events;
 pub mod methods;
@@ -46,6 +48,7 @@ pub struct AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     observe::configure(cfg);
     operator::configure(cfg);
+    device::configure(cfg);
     registry::configure(cfg);
     twins::configure(cfg);
     methods::configure(cfg);
