@@ -46,6 +46,8 @@ pub struct Server {
     deployment: Deployment,
     stop: Option<oneshot::Sender<()>>,
     actix: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Held for the life of the hub: one process per data directory.
+    _data_dir_lock: std::fs::File,
 }
 
 impl Server {
@@ -80,6 +82,18 @@ impl Drop for Server {
 pub fn start(cfg: Config) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    // Two processes on one data directory would each believe they own the embedded store's
+    // sequence counters and the dev CA: refuse the second one.
+    let lock_path = cfg.data_dir.join("iothubd.lock");
+    let data_dir_lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    data_dir_lock.try_lock().map_err(|_| {
+        anyhow!("another iothubd is using data_dir {} (it holds {})", cfg.data_dir.display(), lock_path.display())
+    })?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let actix = std::thread::Builder::new().name("iothubd-actix".into()).spawn(move || {
@@ -92,7 +106,9 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         result
     })?;
     match ready_rx.recv() {
-        Ok(Ok((info, deployment))) => Ok(Server { info, deployment, stop: Some(stop_tx), actix: Some(actix) }),
+        Ok(Ok((info, deployment))) => {
+            Ok(Server { info, deployment, stop: Some(stop_tx), actix: Some(actix), _data_dir_lock: data_dir_lock })
+        }
         Ok(Err(e)) => {
             let _ = actix.join();
             Err(e)

@@ -187,3 +187,11 @@ fn hub_cli_creates_lists_shows_and_deletes() {
     run(&["delete", &name]);
     assert!(!run(&["list"]).contains(&name));
 }
+
+#[test]
+fn a_second_hub_on_the_same_data_dir_is_refused() {
+    let hub = start();
+    let cfg = common::test_config(hub.dir.path(), &hub.name, &hub.owner_key, &hub.registry_read_key, false);
+    let err = iothubd::server::start(cfg).err().expect("the data directory is taken");
+    assert!(err.to_string().contains("another iothubd is using data_dir"), "{err}");
+}
