@@ -123,6 +123,25 @@ fn invoke(hub: &TestHub, id: &str, body: Value) -> tokio::task::JoinHandle<(Stat
     })
 }
 
+/// Drives the device's event loop until the service call returns; its status, body, code.
+async fn finish(
+    call: tokio::task::JoinHandle<(StatusCode, Value, Option<String>)>,
+    el: &mut EventLoop,
+    within: Duration,
+) -> (StatusCode, Value, Option<String>) {
+    tokio::time::timeout(within, async {
+        let mut call = call;
+        loop {
+            tokio::select! {
+                r = &mut call => return r.unwrap(),
+                _ = el.poll() => {}
+            }
+        }
+    })
+    .await
+    .expect("the call returns in time")
+}
+
 #[tokio::test]
 async fn direct_method_round_trip_carries_the_device_status_and_payload() {
     let hub = start();
@@ -142,17 +161,7 @@ async fn direct_method_round_trip_carries_the_device_status_and_payload() {
         .await
         .unwrap();
     // Keep the event loop running so the response leaves.
-    let (status, body, _) = tokio::time::timeout(WAIT, async {
-        let mut call = call;
-        loop {
-            tokio::select! {
-                r = &mut call => return r.unwrap(),
-                _ = el.poll() => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (status, body, _) = finish(call, &mut el, WAIT).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({ "status": 201, "payload": { "ok": true } }));
 }
@@ -175,17 +184,7 @@ async fn offline_unknown_and_silent_devices_get_their_errors() {
     client.subscribe("$iothub/methods/POST/#", QoS::AtLeastOnce).await.unwrap();
     subacks(&mut el, 1).await;
     let call = invoke(&hub, "silent", json!({ "methodName": "m", "responseTimeoutInSeconds": 5 }));
-    let (status, _, code) = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut call = call;
-        loop {
-            tokio::select! {
-                r = &mut call => return r.unwrap(),
-                _ = el.poll() => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (status, _, code) = finish(call, &mut el, Duration::from_secs(20)).await;
     assert_eq!((status, code.as_deref()), (StatusCode::GATEWAY_TIMEOUT, Some("GatewayTimeout")));
 }
 
@@ -206,17 +205,7 @@ async fn a_call_waits_for_the_device_within_the_connect_timeout() {
     let request = next_publish(&mut el, "$iothub/methods/POST/wake/").await;
     let rid = request.topic.rsplit_once("$rid=").unwrap().1.to_owned();
     client.publish(format!("$iothub/methods/res/200/?$rid={rid}"), QoS::AtLeastOnce, false, "").await.unwrap();
-    let (status, body, _) = tokio::time::timeout(WAIT, async {
-        let mut call = call;
-        loop {
-            tokio::select! {
-                r = &mut call => return r.unwrap(),
-                _ = el.poll() => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (status, body, _) = finish(call, &mut el, WAIT).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({ "status": 200, "payload": null }));
 }

@@ -17,12 +17,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use iothubd_actors::directory::HubHandle;
 use iothubd_actors::ingest::{AuthMethod, Ingest, Sender};
 use iothubd_actors::model::event::{EventData, MessageProperties};
-use iothubd_actors::model::identity::IdentityKey;
 use serde_json::Value;
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use super::service::{path_segment, request_host, unix_now};
+use super::service::{path_identity, request_host, unix_now};
 use crate::auth::{self, Principal, SasToken};
 
 /// Largest message, and largest batch (device-protocol §5.4).
@@ -41,11 +40,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// The hub, the identity addressed by the path, and the session-like stamps of its sender.
 async fn authorize_device(req: &HttpRequest, state: &AppState) -> Result<(HubHandle, Sender), ApiError> {
-    let device = path_segment(req, 1)?;
-    let key = match req.match_info().get("mid") {
-        Some(_) => IdentityKey::module(device, path_segment(req, 3)?),
-        None => IdentityKey::device(device),
-    };
+    let key = path_identity(req)?;
     let host = request_host(req);
     let unauthorized = |why: String| ApiError::new(ErrorCode::IotHubUnauthorizedAccess, why);
     let hub = state.deployment.directory().resolve(&host).ok_or_else(|| unauthorized(format!("no hub at '{host}'")))?;

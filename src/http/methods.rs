@@ -12,12 +12,11 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use iothubd_actors::device::methods::{CONNECT_TIMEOUT_MAX, DEFAULT_RESPONSE_TIMEOUT, RESPONSE_TIMEOUT_RANGE};
 use iothubd_actors::messages::{InvokeMethod, MethodFailure};
 use iothubd_actors::model::hub::AccessRights;
-use iothubd_actors::model::identity::IdentityKey;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use super::service::{ServiceCall, path_segment};
+use super::service::{ServiceCall, path_identity};
 
 /// Largest method payload, each way (device-protocol §5.3).
 const MAX_PAYLOAD: usize = 128 * 1024;
@@ -38,11 +37,7 @@ fn seconds(v: Option<&Value>, name: &str) -> Result<Option<u64>, ApiError> {
 
 async fn invoke(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
-    let device = path_segment(&req, 1)?;
-    let key = match req.match_info().get("mid") {
-        Some(_) => IdentityKey::module(device, path_segment(&req, 3)?),
-        None => IdentityKey::device(device),
-    };
+    let key = path_identity(&req)?;
     let doc: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::IotHubFormatError, format!("the body is not valid JSON: {e}")))?;
     let name = doc

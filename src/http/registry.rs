@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use super::service::{ServiceCall, if_match, path_segment, query_param};
+use super::service::{ServiceCall, if_match, path_identity, path_segment, query_param};
 
 /// Most items in one bulk request (service-api §3).
 const MAX_BULK_ITEMS: usize = 100;
@@ -35,16 +35,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/devices/{id}/modules/{mid}", web::delete().to(delete_identity))
         .route("/statistics/devices", web::get().to(device_statistics))
         .route("/statistics/service", web::get().to(service_statistics));
-}
-
-/// `/devices/{id}` or `/devices/{id}/modules/{mid}` → the identity addressed.
-fn identity_key(req: &HttpRequest) -> Result<IdentityKey, ApiError> {
-    let device = path_segment(req, 1)?;
-    Ok(if req.match_info().get("mid").is_some() {
-        IdentityKey::module(device, path_segment(req, 3)?)
-    } else {
-        IdentityKey::device(device)
-    })
 }
 
 fn not_found(key: &IdentityKey) -> ApiError {
@@ -66,7 +56,7 @@ async fn send(call: &ServiceCall, write: RegistryWrite) -> Result<Identity, ApiE
 
 async fn get_identity(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let call = ServiceCall::authorize(&req, &state, AccessRights::REGISTRY_READ)?;
-    let key = identity_key(&req)?;
+    let key = path_identity(&req)?;
     let identity =
         state.deployment.store().get_identity(call.hub.name(), &key).await?.ok_or_else(|| not_found(&key))?;
     Ok(identity_response(StatusCode::OK, &identity, &ConnectionView::default()))
@@ -80,7 +70,7 @@ async fn put_identity(
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let call = ServiceCall::authorize(&req, &state, AccessRights::REGISTRY_WRITE)?;
-    let key = identity_key(&req)?;
+    let key = path_identity(&req)?;
     let body = parse_object(&body)?;
     check_body_ids(&body, &key)?;
     let spec = identity_spec(&body)?;
@@ -94,7 +84,7 @@ async fn put_identity(
 
 async fn delete_identity(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let call = ServiceCall::authorize(&req, &state, AccessRights::REGISTRY_WRITE)?;
-    let key = identity_key(&req)?;
+    let key = path_identity(&req)?;
     send(&call, RegistryWrite::Delete { key, if_match: if_match(&req) }).await?;
     Ok(HttpResponse::NoContent().finish())
 }

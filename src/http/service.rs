@@ -8,6 +8,7 @@ use actix_web::HttpRequest;
 use actix_web::http::header;
 use iothubd_actors::directory::HubHandle;
 use iothubd_actors::model::hub::AccessRights;
+use iothubd_actors::model::identity::IdentityKey;
 use percent_encoding::percent_decode_str;
 
 use super::AppState;
@@ -51,6 +52,16 @@ pub fn path_segment(req: &HttpRequest, index: usize) -> Result<String, ApiError>
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| ApiError::invalid("the path holds an identifier that is not UTF-8"))
+}
+
+/// The identity a path addresses: segment 1 is the device; with a `{mid}` route parameter,
+/// segment 3 is the module (`/devices/{id}/modules/{mid}…`, `/twins/{id}/modules/{mid}…`).
+pub fn path_identity(req: &HttpRequest) -> Result<IdentityKey, ApiError> {
+    let device = path_segment(req, 1)?;
+    Ok(match req.match_info().get("mid") {
+        Some(_) => IdentityKey::module(device, path_segment(req, 3)?),
+        None => IdentityKey::device(device),
+    })
 }
 
 /// `If-Match` without its quotes: C# sends `"x"` and `"*"`, Python and Node bare values.

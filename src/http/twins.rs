@@ -7,6 +7,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
+use iothubd_actors::directory::HubHandle;
 use iothubd_actors::messages::{GetTwin, TwinFailure, TwinRead, UpdateTwin};
 use iothubd_actors::model::hub::AccessRights;
 use iothubd_actors::model::identity::{ConnectionView, IdentityKey};
@@ -15,7 +16,7 @@ use serde_json::{Map, Value};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use super::service::{ServiceCall, if_match, path_segment};
+use super::service::{ServiceCall, if_match, path_identity};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     for path in ["/twins/{id}", "/twins/{id}/modules/{mid}"] {
@@ -23,15 +24,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(path, web::patch().to(patch_twin))
             .route(path, web::put().to(put_twin));
     }
-}
-
-fn twin_key(req: &HttpRequest) -> Result<IdentityKey, ApiError> {
-    let device = path_segment(req, 1)?;
-    Ok(if req.match_info().get("mid").is_some() {
-        IdentityKey::module(device, path_segment(req, 3)?)
-    } else {
-        IdentityKey::device(device)
-    })
 }
 
 fn twin_error(e: TwinFailure) -> ApiError {
@@ -44,6 +36,20 @@ fn twin_error(e: TwinFailure) -> ApiError {
     }
 }
 
+/// Sends a twin message to the identity's actor and maps its failure.
+async fn ask<M>(hub: &HubHandle, key: &IdentityKey, msg: M) -> Result<TwinRead, ApiError>
+where
+    M: actix::Message<Result = Result<TwinRead, TwinFailure>> + Send + 'static,
+    iothubd_actors::device::DeviceActor: actix::Handler<M>,
+{
+    hub.shared
+        .device(key)
+        .send(msg)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::ServiceUnavailable, "the device actor is not running"))?
+        .map_err(twin_error)
+}
+
 fn twin_response(read: &TwinRead) -> HttpResponse {
     let live = ConnectionView { connected: read.connected, ..Default::default() };
     let body = read.twin.service_json(&TwinIdentity::new(&read.identity, &live, ""));
@@ -52,16 +58,8 @@ fn twin_response(read: &TwinRead) -> HttpResponse {
 
 async fn get_twin(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
-    let key = twin_key(&req)?;
-    let read = call
-        .hub
-        .shared
-        .device(&key)
-        .send(GetTwin)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::ServiceUnavailable, "the device actor is not running"))?
-        .map_err(twin_error)?;
-    Ok(twin_response(&read))
+    let key = path_identity(&req)?;
+    Ok(twin_response(&ask(&call.hub, &key, GetTwin).await?))
 }
 
 async fn patch_twin(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
@@ -88,7 +86,7 @@ async fn update(
     replace: bool,
 ) -> Result<HttpResponse, ApiError> {
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
-    let key = twin_key(&req)?;
+    let key = path_identity(&req)?;
     let doc: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::IotHubFormatError, format!("the body is not valid JSON: {e}")))?;
     let obj =
@@ -103,13 +101,5 @@ async fn update(
         replace,
         if_match: if_match(&req),
     };
-    let read = call
-        .hub
-        .shared
-        .device(&key)
-        .send(update)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::ServiceUnavailable, "the device actor is not running"))?
-        .map_err(twin_error)?;
-    Ok(twin_response(&read))
+    Ok(twin_response(&ask(&call.hub, &key, update).await?))
 }
