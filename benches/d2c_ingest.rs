@@ -12,7 +12,8 @@
 //! durable messages (group commit, fsync); Mosquitto acknowledges from memory.
 //!
 //! Run: `cargo build --release --bin iothubd && cargo bench --bench d2c_ingest`
-//! (`IOTHUBD_BENCH_SECONDS`, `IOTHUBD_BENCH_ROUNDS`, `IOTHUBD_BENCH_IDLE` to change the size).
+//! (`IOTHUBD_BENCH_SECONDS`, `IOTHUBD_BENCH_ROUNDS`, `IOTHUBD_BENCH_IDLE` to change the size;
+//! `IOTHUBD_BENCH_ROUNDS=0` measures idle memory only).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -307,7 +308,10 @@ fn main() {
         "{:<8} {:>10} {:>12} {:>10} {:>12} {:>8}",
         "workload", "hub msg/s", "hub µs/msg", "mosq msg/s", "mosq µs/msg", "ratio"
     );
-    for (label, conns, window) in [("10x100", 10, 100), ("1000x1", 1000, 1)] {
+    // `IOTHUBD_BENCH_ROUNDS=0` measures idle memory only.
+    let workloads: &[(&str, usize, usize)] =
+        if rounds == 0 { &[] } else { &[("10x100", 10, 100), ("1000x1", 1000, 1)] };
+    for &(label, conns, window) in workloads {
         let (mut h, mut m) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             h.push(rt.block_on(workload(&hub, conns, window, seconds)));

@@ -3,11 +3,16 @@
 //!
 //! Telemetry does not hop through the `DeviceActor`: the stamps are fixed when the session
 //! authenticates ([`Sender`]), so a session hands messages straight to the store's group commit
-//! and acknowledges them when it returns — one durable write per message, batched, no
-//! cross-thread actor hop on the hottest path (DESIGN.md §3). The actor still owns everything
-//! stateful about the device.
+//! and acknowledges them when it returns — no cross-thread actor hop on the hottest path
+//! (DESIGN.md §3). The messages of all sessions on one thread are handed over together, once
+//! per turn of its event loop ([`Ingest`]), because the cross-thread wake-ups of a store call
+//! per message cost more than the store itself. The actor still owns everything stateful about
+//! the device.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use chrono::Utc;
 
@@ -84,9 +89,68 @@ impl Sender {
 }
 
 /// Appends telemetry to hub logs. Cheap to clone; shared by every session.
+///
+/// Sessions on one thread share their appends: the first message for a hub in a turn of the
+/// thread's event loop opens a [`Batch`] and spawns the task that appends it, and every message
+/// stamped before that task runs joins it. One store call (and, for the embedded store, one
+/// cross-thread wake-up each way) then carries what all the thread's sessions sent in that turn
+/// instead of one per message; each message still completes only once its batch is durable.
 #[derive(Clone)]
 pub struct Ingest {
     store: Arc<dyn Store>,
+}
+
+thread_local! {
+    /// This thread's batches whose append has not started yet: at most one per (store, hub).
+    static OPEN: RefCell<Vec<Rc<Batch>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Messages of one hub, stamped on one thread, appended together.
+struct Batch {
+    store: Arc<dyn Store>,
+    hub: Arc<HubShared>,
+    events: RefCell<Vec<(u32, EventData)>>,
+    /// The waiting messages, by index in `events`.
+    waiters: RefCell<Vec<Option<Waker>>>,
+    /// Set once the append returned.
+    outcome: RefCell<Option<Result<Vec<EventPosition>, StoreError>>>,
+}
+
+impl Batch {
+    /// Takes this batch out of `OPEN` (later messages start another) and appends it.
+    async fn append(self: Rc<Self>) {
+        OPEN.with_borrow_mut(|open| open.retain(|b| !Rc::ptr_eq(b, &self)));
+        let events = std::mem::take(&mut *self.events.borrow_mut());
+        let count = events.len();
+        let outcome = match self.store.append_events(self.hub.name(), events).await {
+            Ok(positions) if positions.len() == count => {
+                self.hub.signal_events_appended();
+                Ok(positions)
+            }
+            Ok(_) => Err(StoreError::Corrupt("the store returned too few positions for an append".into())),
+            Err(e) => Err(e),
+        };
+        *self.outcome.borrow_mut() = Some(outcome);
+        for waker in self.waiters.borrow_mut().drain(..).flatten() {
+            waker.wake();
+        }
+    }
+
+    /// The outcome for the message at `index`, once the append returned.
+    fn poll_outcome(&self, index: usize, cx: &mut Context<'_>) -> Poll<Result<EventPosition, StoreError>> {
+        match &*self.outcome.borrow() {
+            Some(Ok(positions)) => Poll::Ready(Ok(positions[index])),
+            Some(Err(e)) => Poll::Ready(Err(e.clone())),
+            None => {
+                let mut waiters = self.waiters.borrow_mut();
+                match &mut waiters[index] {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    slot => *slot = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Ingest {
@@ -94,16 +158,40 @@ impl Ingest {
         Self { store }
     }
 
-    /// Stamps `data` and appends it; returns once it is durable.
+    /// Stamps `data` and appends it; returns once it is durable. Must run on a thread with a
+    /// local task set (the ntex workers, actix arbiters): the batch's append is a local task.
     pub async fn telemetry(
         &self,
-        hub: &HubShared,
+        hub: &Arc<HubShared>,
         sender: &Sender,
         mut data: EventData,
     ) -> Result<EventPosition, StoreError> {
         sender.stamp(&mut data);
-        let mut positions = self.store.append_events(hub.name(), vec![(sender.partition, data)]).await?;
-        hub.signal_events_appended();
-        positions.pop().ok_or_else(|| StoreError::Corrupt("the store returned no position for an append".into()))
+        let (batch, index) = OPEN.with_borrow_mut(|open| {
+            let found = open.iter().find(|b| Arc::ptr_eq(&b.store, &self.store) && Arc::ptr_eq(&b.hub, hub));
+            let batch = match found {
+                Some(b) => b.clone(),
+                None => {
+                    let batch = Rc::new(Batch {
+                        store: self.store.clone(),
+                        hub: hub.clone(),
+                        events: RefCell::new(Vec::new()),
+                        waiters: RefCell::new(Vec::new()),
+                        outcome: RefCell::new(None),
+                    });
+                    open.push(batch.clone());
+                    // Runs after the tasks already woken in this turn, which may join.
+                    actix::spawn(batch.clone().append());
+                    batch
+                }
+            };
+            let mut events = batch.events.borrow_mut();
+            events.push((sender.partition, data));
+            batch.waiters.borrow_mut().push(None);
+            let index = events.len() - 1;
+            drop(events);
+            (batch, index)
+        });
+        std::future::poll_fn(|cx| batch.poll_outcome(index, cx)).await
     }
 }
