@@ -525,3 +525,55 @@ async fn the_session_ends_when_its_sas_token_expires() {
     assert_eq!(connack(&mut eventloop).await, Ok(ConnectReturnCode::Success));
     assert!(closed(&mut eventloop).await, "the hub closes the session when the token expires");
 }
+
+#[tokio::test]
+async fn ca_signed_device_connects_once_its_ca_is_registered_and_verified() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let hub = start();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "fleet CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, &ca, &ca_key).unwrap().pem(), key.serialize_pem())
+    };
+    let r = hub
+        .owner(Method::PUT, "/devices/ca-dev")
+        .json(&json!({ "authentication": { "type": "certificateAuthority" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (cert, key) = leaf("ca-dev");
+
+    // Not registered yet: refused.
+    let (_c, mut el) = x509_client(&hub, "ca-dev", &cert, &key);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
+
+    let path = format!("/operator/hubs/{}/certificates/fleet", hub.name);
+    let r = hub
+        .operator(Method::PUT, &path)
+        .json(&json!({ "properties": { "certificate": ca.pem(), "isVerified": true } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (client, mut el) = x509_client(&hub, "ca-dev", &cert, &key);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    client.publish("devices/ca-dev/messages/events/", QoS::AtLeastOnce, false, "via CA").await.unwrap();
+    pubacks(&mut el, 1).await;
+
+    // A leaf of the same CA for another name is refused: the common name must be the device ID.
+    let (other_cert, other_key) = leaf("someone-else");
+    let (_c, mut el) = x509_client(&hub, "ca-dev", &other_cert, &other_key);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
+
+    let r = hub.operator(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let (_c, mut el) = x509_client(&hub, "ca-dev", &cert, &key);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized), "the CA is gone");
+}

@@ -55,10 +55,10 @@ pub enum AuthError {
     NotX509Identity(IdentityKey),
     #[error("the client certificate's thumbprint matches neither registered thumbprint of '{0}'")]
     CertificateMismatch(IdentityKey),
-    #[error(
-        "identity '{0}' authenticates with a certificate authority; this hub does not manage CA          certificates yet, so only selfSigned (thumbprint) identities can use X.509"
-    )]
-    NoVerifiedCa(IdentityKey),
+    #[error("the client certificate of '{identity}' does not chain to a verified CA of this hub: {reason}")]
+    CertificateNotTrusted { identity: IdentityKey, reason: String },
+    #[error("the client certificate's common name is '{common_name}', not '{identity}'")]
+    CommonNameMismatch { identity: IdentityKey, common_name: String },
 }
 
 impl AuthError {

@@ -12,6 +12,13 @@
 //! | `DELETE /operator/hubs/{name}` | 204, 404 — the hub's data goes with it |
 //! | `GET /operator/hubs/{name}/identities[?keys=false]` | `application/x-ndjson`, one identity a line |
 //! | `POST /operator/hubs/{name}/identities` | JSON lines in, the bulk reply out (200 / 400) |
+//! | `GET /operator/hubs/{name}/certificates` | `{"value":[{name, properties:{certificate, isVerified, thumbprint}}]}` |
+//! | `PUT /operator/hubs/{name}/certificates/{cert}` | `{"properties":{"certificate":"<PEM>","isVerified":true}}` → 201 / 200, 400 |
+//! | `DELETE /operator/hubs/{name}/certificates/{cert}` | 204, 404 |
+//!
+//! CA certificates serve X.509 `certificateAuthority` devices. Proof of possession is the
+//! operator's call: a certificate is trusted once registered with `isVerified: true` (Azure
+//! also allows verifying on upload).
 
 use actix_web::http::StatusCode;
 use actix_web::http::header;
@@ -19,7 +26,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use futures::stream;
 use iothubd_actors::deployment::HubAdminError;
 use iothubd_actors::directory::HubHandle;
-use iothubd_actors::model::hub::HubDescription;
+use iothubd_actors::model::hub::{CaCertificate, HubDescription};
 use iothubd_actors::model::identity::Identity;
 use iothubd_actors::store::Store;
 use serde_json::{Value, json};
@@ -43,6 +50,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/operator/hubs/{name}", web::put().to(put_hub))
         .route("/operator/hubs/{name}", web::delete().to(delete_hub))
         .route("/operator/hubs/{name}/identities", web::get().to(export_identities))
+        .route("/operator/hubs/{name}/certificates", web::get().to(list_certificates))
+        .route("/operator/hubs/{name}/certificates/{cert}", web::put().to(put_certificate))
+        .route("/operator/hubs/{name}/certificates/{cert}", web::delete().to(delete_certificate))
         .service(
             web::resource("/operator/hubs/{name}/identities")
                 .app_data(web::PayloadConfig::new(IMPORT_LIMIT))
@@ -237,4 +247,81 @@ async fn import_identities(
         "errors": errors,
         "warnings": [],
     })))
+}
+
+fn certificate_json(c: &CaCertificate) -> Value {
+    json!({ "name": c.name, "properties": {
+        "certificate": c.certificate, "isVerified": c.is_verified, "thumbprint": c.thumbprint } })
+}
+
+async fn list_certificates(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, OperatorError> {
+    authorize(&req, &state)?;
+    let hub = find_hub(&state, &hub_name(&req))?;
+    let list: Vec<Value> = hub.description().properties.ca_certificates.iter().map(certificate_json).collect();
+    Ok(HttpResponse::Ok().json(json!({ "value": list })))
+}
+
+fn certificate_name(req: &HttpRequest) -> Result<String, OperatorError> {
+    let name = req.match_info().get("cert").unwrap_or_default();
+    let ok = (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(OperatorError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidCertificate",
+            "certificate names are 1-64 of A-Z a-z 0-9 - . _",
+        ))
+    }
+}
+
+/// Registers (201) or replaces (200) a CA certificate of the hub.
+async fn put_certificate(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, OperatorError> {
+    authorize(&req, &state)?;
+    let hub = find_hub(&state, &hub_name(&req))?;
+    let name = certificate_name(&req)?;
+    let bad = |why: String| OperatorError::new(StatusCode::BAD_REQUEST, "InvalidCertificate", why);
+    let doc: Value = serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    let props = doc.get("properties").unwrap_or(&doc);
+    let pem = props
+        .get("certificate")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("properties.certificate (PEM) is required".into()))?;
+    let thumbprint = crate::auth::x509::check_ca_certificate(pem).map_err(bad)?;
+    let certificate = CaCertificate {
+        name: name.clone(),
+        certificate: pem.to_owned(),
+        is_verified: props.get("isVerified").and_then(Value::as_bool).unwrap_or(false),
+        thumbprint,
+    };
+    let mut description = (*hub.description()).clone();
+    let cas = &mut description.properties.ca_certificates;
+    let existed = cas.iter().any(|c| c.name == name);
+    cas.retain(|c| c.name != name);
+    cas.push(certificate.clone());
+    state.deployment.update_hub(description, None).await?;
+    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok(HttpResponse::build(status).json(certificate_json(&certificate)))
+}
+
+async fn delete_certificate(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, OperatorError> {
+    authorize(&req, &state)?;
+    let hub = find_hub(&state, &hub_name(&req))?;
+    let name = certificate_name(&req)?;
+    let mut description = (*hub.description()).clone();
+    let before = description.properties.ca_certificates.len();
+    description.properties.ca_certificates.retain(|c| c.name != name);
+    if description.properties.ca_certificates.len() == before {
+        return Err(OperatorError::new(
+            StatusCode::NOT_FOUND,
+            "CertificateNotFound",
+            format!("no certificate '{name}'"),
+        ));
+    }
+    state.deployment.update_hub(description, None).await?;
+    Ok(HttpResponse::NoContent().finish())
 }

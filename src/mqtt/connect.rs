@@ -21,7 +21,7 @@ use iothubd_actors::model::identity::IdentityKey;
 use ntex::time::Seconds;
 use ntex_mqtt::v3;
 use ntex_mqtt::v3::codec::ConnectAckReason;
-use ntex_tls::rustls::PeerCert;
+use ntex_tls::rustls::PeerCertChain;
 use tokio::sync::mpsc;
 
 use super::session::MqttSession;
@@ -137,15 +137,16 @@ pub async fn handshake(
         // X.509 clients send no password (device-protocol §1.4): the TLS client certificate
         // speaks for them.
         None => {
-            let certificate = handshake.io().query::<PeerCert<'static>>();
-            let Some(PeerCert(certificate)) = certificate.as_ref() else {
+            let chain = handshake.io().query::<PeerCertChain<'static>>();
+            let Some(PeerCertChain(chain)) = chain.as_ref() else {
                 return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, "no password and no certificate")));
             };
             let identity = match ctx.deployment.store().get_identity(hub.name(), &key).await {
                 Ok(identity) => identity,
                 Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))),
             };
-            let kind = match auth::x509::authorize_certificate(identity.as_ref(), &key, certificate) {
+            let cas = &description.properties.ca_certificates;
+            let kind = match auth::x509::authorize_certificate(identity.as_ref(), &key, chain, cas) {
                 Ok(kind) => kind,
                 Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::NotAuthorized, &e.to_string()))),
             };
@@ -167,42 +168,56 @@ pub async fn handshake(
     };
 
     let reason = Rc::new(Cell::new(DisconnectReason::ConnectionLost));
-    // Commands from the actor are carried out on this connection's thread: the sink is tied
-    // to it (DESIGN.md §10).
+    // One task per session carries out the actor's commands on this connection's thread (the
+    // sink is tied to it, DESIGN.md §10) and ends the session when its token does
+    // (device-protocol §1.3; SDKs reconnect with a new one). One task, not two: an idle
+    // connection's memory is what limits how many devices a hub holds.
     let sink = handshake.sink();
-    let command_reason = reason.clone();
+    let task_reason = reason.clone();
+    let (closed, connection_gone) = futures::channel::oneshot::channel::<()>();
+    let lifetime = expiry.map(|expiry| std::time::Duration::from_secs(expiry.saturating_sub(now)));
     ntex::rt::spawn(async move {
-        while let Some(cmd) = commands.recv().await {
-            match cmd {
-                SessionCommand::Close(_) => {
-                    command_reason.set(DisconnectReason::TakenOver);
+        let expired = async {
+            match lifetime {
+                Some(lifetime) => ntex::time::sleep(lifetime).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut expired = std::pin::pin!(expired);
+        let mut connection_gone = connection_gone;
+        loop {
+            tokio::select! {
+                biased;
+                // The session was dropped: the connection is gone already.
+                _ = &mut connection_gone => return,
+                command = commands.recv() => match command {
+                    Some(SessionCommand::Close(_)) => {
+                        task_reason.set(DisconnectReason::TakenOver);
+                        sink.close();
+                    }
+                    // Hub → device requests go at QoS 0: SDKs take any granted QoS up to 1, and
+                    // a lost request surfaces as the caller's timeout (device-protocol §2.3, §2.7).
+                    Some(SessionCommand::MethodRequest { name, rid, payload }) => {
+                        let _ = sink.publish(topic::method_request(&name, &rid)).send_at_most_once(payload.into());
+                    }
+                    Some(SessionCommand::DesiredPatch { version, body }) => {
+                        let _ = sink.publish(topic::desired_patch(version as i64)).send_at_most_once(body.into());
+                    }
+                    // The actor let go of this session; only the token can still end it.
+                    None => break,
+                },
+                () = &mut expired => {
+                    task_reason.set(DisconnectReason::TokenExpired);
                     sink.close();
-                }
-                // Hub → device requests go at QoS 0: SDKs take any granted QoS up to 1, and a
-                // lost request surfaces as the caller's timeout (device-protocol §2.3, §2.7).
-                SessionCommand::MethodRequest { name, rid, payload } => {
-                    let _ = sink.publish(topic::method_request(&name, &rid)).send_at_most_once(payload.into());
-                }
-                SessionCommand::DesiredPatch { version, body } => {
-                    let _ = sink.publish(topic::desired_patch(version as i64)).send_at_most_once(body.into());
+                    return;
                 }
             }
         }
+        if let futures::future::Either::Right(_) = futures::future::select(connection_gone, expired).await {
+            task_reason.set(DisconnectReason::TokenExpired);
+            sink.close();
+        }
     });
-    // The session ends when its token does (device-protocol §1.3); SDKs reconnect with a new one.
-    let sink = handshake.sink();
-    let expiry_reason = reason.clone();
-    let (closed, connection_gone) = futures::channel::oneshot::channel::<()>();
-    if let Some(expiry) = expiry {
-        let lifetime = std::time::Duration::from_secs(expiry.saturating_sub(now));
-        ntex::rt::spawn(async move {
-            let expired = std::pin::pin!(ntex::time::sleep(lifetime));
-            if let futures::future::Either::Left(_) = futures::future::select(expired, connection_gone).await {
-                expiry_reason.set(DisconnectReason::TokenExpired);
-                sink.close();
-            }
-        });
-    }
 
     let keep_alive = pkt.keep_alive;
     let session =

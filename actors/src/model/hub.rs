@@ -154,6 +154,22 @@ impl Default for FeedbackProperties {
     }
 }
 
+/// A CA certificate registered with the hub: `certificateAuthority` devices present chains
+/// that end at a verified one (device-protocol §1.4). iothubd keeps these in the hub's
+/// `properties.caCertificates` (on Azure they are a child resource of the hub).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaCertificate {
+    pub name: String,
+    /// The certificate, PEM.
+    pub certificate: String,
+    /// Only verified CAs authenticate devices.
+    pub is_verified: bool,
+    /// SHA-1 thumbprint, upper-case hex (filled by the hub).
+    #[serde(default)]
+    pub thumbprint: String,
+}
+
 /// `properties.cloudToDevice` (device-protocol §5.1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -180,6 +196,9 @@ pub struct HubProperties {
     pub event_hub_endpoints: EventHubEndpoints,
     #[serde(default)]
     pub cloud_to_device: CloudToDeviceProperties,
+    /// CA certificates for X.509 `certificateAuthority` devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_certificates: Vec<CaCertificate>,
     /// ARM `routing` (service-api §10); stored now, evaluated by the routing actors.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub routing: Value,
