@@ -1,6 +1,7 @@
 //! The domain model: hubs, identities, twins, events-log messages, and the time format every
 //! JSON shape uses.
 
+pub mod c2d;
 pub mod event;
 pub mod hub;
 pub mod identity;
