@@ -16,8 +16,9 @@ use crate::server;
 #[derive(Debug, Parser)]
 #[command(name = "iothubd", version, about = "A self-hosted hub for the unmodified Azure IoT SDKs")]
 struct Cli {
+    /// What to do; without one, `serve` with the defaults (so `cargo run --release` runs a hub).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,7 +31,7 @@ enum Command {
     MonitorEvents(crate::monitor::MonitorArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 struct ServeArgs {
     /// A TOML file layered over config/default.toml (IOTHUBD_* variables and flags win).
     #[arg(long)]
@@ -108,7 +109,7 @@ enum HubAction {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = match cli.command.unwrap_or_else(|| Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
         Command::Hub(args) => hub(args),
         Command::MonitorEvents(args) => crate::monitor::main(args),
