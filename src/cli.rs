@@ -147,7 +147,8 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = serve_config(&args)?;
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cfg.log.filter))?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Logs on stderr, so stdout carries only the banner (and the connection string in it).
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let key_file = crate::hubs::operator_key_file(&cfg);
     let data_dir = cfg.data_dir.clone();
     let server = server::start(cfg)?;
