@@ -150,3 +150,22 @@ async fn twin_rest_needs_service_connect() {
     let r = hub.with_token(Method::GET, "/twins/t5", &token).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn requests_for_unknown_identities_leave_no_actor_behind() {
+    let hub = start();
+    for i in 0..20 {
+        let r = twin(&hub, Method::GET, &format!("/twins/ghost-{i}"), None).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+    let r = hub.owner(Method::POST, "/twins/ghost-m/methods").json(&json!({ "methodName": "x" })).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let shared = hub.server.deployment().directory().get(&hub.name).unwrap().shared;
+    for _ in 0..50 {
+        if shared.live_device_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(shared.live_device_count(), 0, "actors of unknown identities stop at once");
+}

@@ -93,12 +93,16 @@ impl Handler<InvokeMethod> for DeviceActor {
             });
         }
         let (store, hub, key) = (self.store.clone(), self.hub.name().to_owned(), self.key.clone());
+        let me = ctx.address();
         Box::pin(async move {
             match rx.await.unwrap_or(Err(MethodFailure::Timeout)) {
                 // "Not online" for an identity that does not exist is "not found".
                 Err(MethodFailure::NotOnline) => match store.get_identity(&hub, &key).await {
                     Ok(Some(_)) => Err(MethodFailure::NotOnline),
-                    Ok(None) => Err(MethodFailure::NotFound(key)),
+                    Ok(None) => {
+                        me.do_send(StopIfUnknown);
+                        Err(MethodFailure::NotFound(key))
+                    }
                     Err(e) => Err(MethodFailure::Store(e)),
                 },
                 other => other,
@@ -139,3 +143,16 @@ pub const CONNECT_TIMEOUT_MAX: u64 = 300;
 
 /// The default response timeout (service-api §6).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sent to itself by an actor that found its identity missing (see `stop_if_unknown`).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub(super) struct StopIfUnknown;
+
+impl Handler<StopIfUnknown> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopIfUnknown, ctx: &mut Context<Self>) {
+        self.stop_if_unknown(ctx);
+    }
+}

@@ -82,6 +82,14 @@ where
 }
 
 impl DeviceActor {
+    /// An actor activated for an identity that does not exist stops at once instead of
+    /// waiting out the passivation timeout, so requests for random IDs cannot pile up actors.
+    pub(super) fn stop_if_unknown(&self, ctx: &mut Context<Self>) {
+        if self.session.is_none() && self.pending.is_empty() && self.waiting.is_empty() {
+            ctx.stop();
+        }
+    }
+
     /// Desired changes go only to a connected, subscribed device; nothing is queued offline
     /// (device-protocol §2.6: devices re-GET after reconnecting).
     fn push_desired(&self, desired: DesiredUpdate) {
@@ -113,9 +121,11 @@ impl Handler<GetTwin> for DeviceActor {
             let (identity, twin, _) = load(&*store, &hub, &key, cached).await?;
             Ok(TwinRead { twin, identity, connected })
         };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res: Result<TwinRead, TwinFailure>, actor, _| {
-            if let Ok(read) = &res {
-                actor.twin = Some(read.twin.clone());
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res: Result<TwinRead, TwinFailure>, actor, ctx| {
+            match &res {
+                Ok(read) => actor.twin = Some(read.twin.clone()),
+                Err(TwinFailure::NotFound(_)) => actor.stop_if_unknown(ctx),
+                Err(_) => {}
             }
             res
         })))
@@ -149,12 +159,15 @@ impl Handler<UpdateTwin> for DeviceActor {
             }
         };
         let fut = change(store, hub, key, cached, connected, apply);
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, _| {
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, ctx| {
             let changed = match res {
                 Ok(c) => c,
                 Err(e) => {
                     // The cache may be stale after a failed write; read afresh next time.
                     actor.twin = None;
+                    if matches!(e, TwinFailure::NotFound(_)) {
+                        actor.stop_if_unknown(ctx);
+                    }
                     return Err(e);
                 }
             };
