@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use chrono::{DateTime, Utc};
 
+use crate::model::c2d::{C2dMessage, FeedbackRecord};
 use crate::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use crate::model::hub::HubDescription;
 use crate::model::identity::{Identity, IdentityKey};
@@ -131,6 +132,27 @@ pub trait Store: Send + Sync + 'static {
         partition: u32,
         sequence_number: i64,
     ) -> Result<(), StoreError>;
+
+    /// The identity's cloud-to-device queue in sequence order. `NotFound` when the identity does
+    /// not exist. Queues are deleted with their identity and hub.
+    async fn c2d_queue(&self, hub: &str, key: &IdentityKey) -> Result<Vec<C2dMessage>, StoreError>;
+    /// Adds a message, or replaces the one with the same sequence number (lock, delivery count).
+    /// `NotFound` when the identity does not exist.
+    async fn c2d_put(&self, hub: &str, key: &IdentityKey, message: &C2dMessage) -> Result<(), StoreError>;
+    /// Removes messages from the queue and appends feedback records to the hub's feedback queue,
+    /// in one durable write (a removed message and its feedback are never apart). Sequence
+    /// numbers not in the queue are ignored.
+    async fn c2d_remove(
+        &self,
+        hub: &str,
+        key: &IdentityKey,
+        sequence_numbers: &[u64],
+        feedback: &[FeedbackRecord],
+    ) -> Result<(), StoreError>;
+    /// Up to `max` of the hub's oldest feedback records, each with its id (increasing).
+    async fn feedback_batch(&self, hub: &str, max: usize) -> Result<Vec<(u64, FeedbackRecord)>, StoreError>;
+    /// Removes feedback records the service has taken (ids not present are ignored).
+    async fn feedback_remove(&self, hub: &str, ids: &[u64]) -> Result<(), StoreError>;
 
     /// Makes everything written so far durable and stops accepting writes (graceful shutdown).
     async fn close(&self) -> Result<(), StoreError>;

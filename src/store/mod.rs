@@ -10,8 +10,11 @@
 //! `twin` are the serde_json form of the model types and `module_id` is `''` for a device; the
 //! events log in `events(hub, partition_id, sequence_number, enqueued_ms, body, meta)` (`meta` in
 //! the [`event_codec`] form), `event_partitions(hub, partition_id, next_sequence,
-//! last_enqueued_ms)` and `event_checkpoints(hub, consumer_group, partition_id, sequence_number)`
-//! — with versioned migrations run at open, and both pass `tests/store_suite/`.
+//! last_enqueued_ms)` and `event_checkpoints(hub, consumer_group, partition_id, sequence_number)`;
+//! cloud-to-device queues in `c2d_messages(hub, device_id, module_id, sequence_number, doc,
+//! body)` (deleted with their identity by a cascading foreign key) and feedback in
+//! `feedback(hub, id, doc)`, numbered from `feedback_counters(hub, next_id)` — with versioned
+//! migrations run at open, and both pass `tests/store_suite/`.
 //!
 //! Within a partition, enqueued times never decrease as sequence numbers grow (each backend
 //! takes the later of the clock and the partition's last enqueued time), so "first event at or
@@ -26,6 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use iothubd_actors::model::c2d::C2dMessage;
 use iothubd_actors::model::event::PartitionInfo;
 use iothubd_actors::model::identity::IdentityStatus;
 use iothubd_actors::store::{DeviceStatistics, Store, StoreError};
@@ -37,7 +41,7 @@ use crate::config::{Config, StoreBackend};
 /// Every registry table, besides `hubs`, holding data a hub owns; each has a `hub` column.
 /// Deleting a hub empties them in this order, then deletes the hub row — so a table referencing
 /// another one must come before it.
-const HUB_SCOPED_TABLES: &[&str] = &["identities"];
+const HUB_SCOPED_TABLES: &[&str] = &["c2d_messages", "feedback", "feedback_counters", "identities"];
 
 /// The tables of a hub's events log, emptied with the hub like [`HUB_SCOPED_TABLES`]. They are
 /// listed apart because the embedded store keeps them in a database file of their own.
@@ -153,4 +157,32 @@ fn millis(time: DateTime<Utc>) -> i64 {
 /// An enqueued time from its stored form; out-of-range values (never written) read as the epoch.
 fn time_of(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// A cloud-to-device message's stored form: `(sequence_number, doc, body)`. The body is kept
+/// apart, as raw bytes, because JSON would store a 64 KB body as a 250 KB array of numbers.
+fn c2d_row(message: &C2dMessage) -> Result<(i64, String, Vec<u8>), StoreError> {
+    let sequence_number = i64::try_from(message.sequence_number)
+        .map_err(|_| StoreError::Corrupt(format!("sequence number {} is out of range", message.sequence_number)))?;
+    let mut header = message.clone();
+    let body = std::mem::take(&mut header.body);
+    Ok((sequence_number, encode(&header)?, body))
+}
+
+/// A cloud-to-device message from its stored `doc` and `body` (see [`c2d_row`]).
+fn c2d_message(doc: &str, body: Vec<u8>) -> Result<C2dMessage, StoreError> {
+    let mut message: C2dMessage = decode("cloud-to-device message", doc)?;
+    message.body = body;
+    Ok(message)
+}
+
+/// The stored form of sequence numbers or feedback ids to remove. Values beyond `i64` cannot
+/// have been stored, so they are dropped: removing an absent key is not an error.
+fn stored_keys(keys: &[u64]) -> Vec<i64> {
+    keys.iter().filter_map(|&key| i64::try_from(key).ok()).collect()
+}
+
+/// A feedback id read back from its `id` column.
+fn feedback_id(id: i64) -> Result<u64, StoreError> {
+    u64::try_from(id).map_err(|_| StoreError::Corrupt(format!("feedback id {id} is negative")))
 }

@@ -4,7 +4,8 @@
 //! the store, against the [`Backend`] harness); `store_suite!` turns every case into one
 //! `#[tokio::test]` per backend, so they run in parallel. The cases live by subject:
 //! `registry` (hubs, identities, durability), `twins`, `events` (the events log and
-//! checkpoints); `fixtures` builds what they store and `backend` is the harness.
+//! checkpoints), `c2d` (cloud-to-device queues and feedback); `fixtures` builds what they store
+//! and `backend` is the harness.
 //!
 //! The embedded store always runs, in a temporary directory. PostgreSQL runs when
 //! `IOTHUBD_TEST_POSTGRES_URL` is set — and then fails rather than skips if it cannot connect.
@@ -12,6 +13,7 @@
 //! processes never see each other's rows.
 
 mod backend;
+mod c2d;
 mod events;
 mod fixtures;
 mod registry;
@@ -21,6 +23,7 @@ use futures::future::join_all;
 use iothubd::store::embedded::{DATABASE_FILE, EVENT_LOG_FILE};
 
 use backend::Backend;
+use c2d::*;
 use events::*;
 use fixtures::*;
 use registry::*;
@@ -86,12 +89,20 @@ store_suite!(
         hub_delete_removes_its_events_and_checkpoints,
         checkpoints_are_set_and_overwritten,
         writes_after_close_are_unavailable,
+        c2d_queue_starts_empty_and_reads_in_sequence_order,
+        c2d_put_with_a_known_sequence_number_replaces_the_message,
+        c2d_queue_of_an_unknown_identity_is_not_found,
+        c2d_remove_takes_messages_and_appends_feedback_together,
+        feedback_is_read_oldest_first_and_removed_by_id,
+        c2d_queue_is_deleted_with_its_identity,
+        c2d_queues_and_feedback_are_deleted_with_their_hub,
     ],
     harness: [
         writes_survive_close_and_reopen,
         events_twins_and_checkpoints_survive_close_and_reopen,
         corrupt_document_reads_as_corrupt,
         concurrent_opens_migrate_once,
+        c2d_queues_and_feedback_survive_close_and_reopen,
     ],
 );
 

@@ -3,11 +3,13 @@
 //! a database (DESIGN.md §4, §10).
 //!
 //! - `writer`: the registry's one writer thread; group commit, one savepoint per write.
+//! - `c2d`: cloud-to-device queues and feedback, in the registry file (written by `writer`).
 //! - `event_log`, `event_writer`: the events log, with a writer thread and readers of its own
 //!   so that the telemetry firehose and registry writes never queue behind each other.
 //! - `readers`: read-only connections used on blocking threads.
 //! - `schema`: tables, migrations (`PRAGMA user_version`), connection settings, error mapping.
 
+mod c2d;
 mod event_log;
 mod event_writer;
 mod readers;
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use iothubd_actors::model::c2d::{C2dMessage, FeedbackRecord};
 use iothubd_actors::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use iothubd_actors::model::hub::HubDescription;
 use iothubd_actors::model::identity::{Identity, IdentityKey};
@@ -28,12 +31,13 @@ use iothubd_actors::store::{DeviceStatistics, Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, Params};
 use tokio::sync::Mutex;
 
+use self::c2d::{C2dOp, QueueKey};
 pub use self::event_log::EVENT_LOG_FILE;
 use self::event_log::EventLog;
 use self::readers::Readers;
 use self::schema::store_error;
 use self::writer::{HubRow, IdentityRow, WriteOp, WriterHandle};
-use super::{decode, encode, module_column, statistics};
+use super::{c2d_row, decode, encode, module_column, statistics, stored_keys};
 use crate::config::StoreConfig;
 
 /// The registry database file inside `data_dir`.
@@ -318,6 +322,42 @@ impl Store for EmbeddedStore {
         sequence_number: i64,
     ) -> Result<(), StoreError> {
         self.events.set_checkpoint(hub, consumer_group, partition, sequence_number).await
+    }
+
+    async fn c2d_queue(&self, hub: &str, key: &IdentityKey) -> Result<Vec<C2dMessage>, StoreError> {
+        let queue = QueueKey::new(hub, key);
+        self.readers.read(move |db| c2d::queue(db, &queue)).await
+    }
+
+    async fn c2d_put(&self, hub: &str, key: &IdentityKey, message: &C2dMessage) -> Result<(), StoreError> {
+        let (sequence_number, doc, body) = c2d_row(message)?;
+        let op = C2dOp::Put { queue: QueueKey::new(hub, key), sequence_number, doc, body };
+        self.writer.write(WriteOp::C2d(op)).await.map(drop)
+    }
+
+    async fn c2d_remove(
+        &self,
+        hub: &str,
+        key: &IdentityKey,
+        sequence_numbers: &[u64],
+        feedback: &[FeedbackRecord],
+    ) -> Result<(), StoreError> {
+        let op = C2dOp::Remove {
+            queue: QueueKey::new(hub, key),
+            sequence_numbers: stored_keys(sequence_numbers),
+            feedback: feedback.iter().map(encode).collect::<Result<_, _>>()?,
+        };
+        self.writer.write(WriteOp::C2d(op)).await.map(drop)
+    }
+
+    async fn feedback_batch(&self, hub: &str, max: usize) -> Result<Vec<(u64, FeedbackRecord)>, StoreError> {
+        let hub = hub.to_owned();
+        self.readers.read(move |db| c2d::feedback_batch(db, &hub, max)).await
+    }
+
+    async fn feedback_remove(&self, hub: &str, ids: &[u64]) -> Result<(), StoreError> {
+        let op = C2dOp::RemoveFeedback { hub: hub.to_owned(), ids: stored_keys(ids) };
+        self.writer.write(WriteOp::C2d(op)).await.map(drop)
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -36,6 +36,32 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // until first written; `twin_version` is the twin's `version` for conditional writes.
     "ALTER TABLE identities ADD COLUMN twin TEXT;
     ALTER TABLE identities ADD COLUMN twin_version INTEGER;",
+    // 3: cloud-to-device queues and feedback (device-protocol §5.1, service-api §8). A queue's
+    // foreign key cascades, so deleting an identity (and a device's modules with it) deletes
+    // its queue in the same statement. `doc` is the message without its body, which is kept
+    // as bytes. Feedback ids come from a counter per hub, so they are never reused even after
+    // the newest record was taken — a late removal cannot hit a newer record.
+    "CREATE TABLE c2d_messages (
+        hub             TEXT NOT NULL,
+        device_id       TEXT NOT NULL,
+        module_id       TEXT NOT NULL,
+        sequence_number INTEGER NOT NULL,
+        doc             TEXT NOT NULL,
+        body            BLOB NOT NULL,
+        PRIMARY KEY (hub, device_id, module_id, sequence_number),
+        FOREIGN KEY (hub, device_id, module_id) REFERENCES identities (hub, device_id, module_id)
+            ON DELETE CASCADE
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE feedback_counters (
+        hub     TEXT NOT NULL PRIMARY KEY REFERENCES hubs (name),
+        next_id INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE feedback (
+        hub TEXT NOT NULL REFERENCES hubs (name),
+        id  INTEGER NOT NULL,
+        doc TEXT NOT NULL,
+        PRIMARY KEY (hub, id)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// Ordered schema migrations of the events log file; append, never edit a released one.

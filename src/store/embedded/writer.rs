@@ -12,6 +12,7 @@
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::c2d::C2dOp;
 use super::schema::{MIGRATIONS, open_writer, store_error};
 use crate::store::{HUB_SCOPED_TABLES, missing_or_stale};
 use iothubd_actors::store::StoreError;
@@ -70,6 +71,8 @@ pub(super) enum WriteOp {
         version: i64,
         expected_version: Option<i64>,
     },
+    /// A cloud-to-device queue or feedback write (`c2d`).
+    C2d(C2dOp),
 }
 
 enum Request {
@@ -280,11 +283,12 @@ impl WriteOp {
                 }
                 Ok(Ok(None))
             }
+            Self::C2d(op) => op.apply(db),
         }
     }
 }
 
-fn hub_etag(db: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
+pub(super) fn hub_etag(db: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
     db.prepare_cached("SELECT etag FROM hubs WHERE name = ?1")?.query_row([name], |row| row.get(0)).optional()
 }
 

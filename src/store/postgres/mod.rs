@@ -11,8 +11,9 @@
 //!
 //! Twins live on their identity's row; a twin write is one `UPDATE … WHERE twin_version IS NOT
 //! DISTINCT FROM $expected`. The events log (appends, reads, retention, checkpoints) is in
-//! `events`.
+//! `events`; cloud-to-device queues and feedback are in `c2d`.
 
+mod c2d;
 mod events;
 mod schema;
 
@@ -22,6 +23,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use iothubd_actors::model::c2d::{C2dMessage, FeedbackRecord};
 use iothubd_actors::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use iothubd_actors::model::hub::HubDescription;
 use iothubd_actors::model::identity::{Identity, IdentityKey};
@@ -401,6 +403,32 @@ impl Store for PostgresStore {
         sequence_number: i64,
     ) -> Result<(), StoreError> {
         events::set_checkpoint(self, hub, consumer_group, partition, sequence_number).await
+    }
+
+    async fn c2d_queue(&self, hub: &str, key: &IdentityKey) -> Result<Vec<C2dMessage>, StoreError> {
+        c2d::queue(self, hub, key).await
+    }
+
+    async fn c2d_put(&self, hub: &str, key: &IdentityKey, message: &C2dMessage) -> Result<(), StoreError> {
+        c2d::put(self, hub, key, message).await
+    }
+
+    async fn c2d_remove(
+        &self,
+        hub: &str,
+        key: &IdentityKey,
+        sequence_numbers: &[u64],
+        feedback: &[FeedbackRecord],
+    ) -> Result<(), StoreError> {
+        c2d::remove(self, hub, key, sequence_numbers, feedback).await
+    }
+
+    async fn feedback_batch(&self, hub: &str, max: usize) -> Result<Vec<(u64, FeedbackRecord)>, StoreError> {
+        c2d::feedback_batch(self, hub, max).await
+    }
+
+    async fn feedback_remove(&self, hub: &str, ids: &[u64]) -> Result<(), StoreError> {
+        c2d::feedback_remove(self, hub, ids).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {

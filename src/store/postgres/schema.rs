@@ -59,6 +59,30 @@ const MIGRATIONS: &[&str] = &[
         sequence_number bigint NOT NULL,
         PRIMARY KEY (hub, consumer_group, partition_id)
     );"#,
+    // 3: cloud-to-device queues and feedback, as in the embedded store's migration 3: a
+    // queue's foreign key cascades from its identity; feedback ids come from a counter per hub
+    // whose row lock also orders concurrent appenders, so ids become visible in increasing order.
+    r#"CREATE TABLE c2d_messages (
+        hub             text COLLATE "C" NOT NULL,
+        device_id       text COLLATE "C" NOT NULL,
+        module_id       text COLLATE "C" NOT NULL,
+        sequence_number bigint NOT NULL,
+        doc             jsonb NOT NULL,
+        body            bytea NOT NULL,
+        PRIMARY KEY (hub, device_id, module_id, sequence_number),
+        FOREIGN KEY (hub, device_id, module_id) REFERENCES identities (hub, device_id, module_id)
+            ON DELETE CASCADE
+    );
+    CREATE TABLE feedback_counters (
+        hub     text COLLATE "C" PRIMARY KEY REFERENCES hubs (name),
+        next_id bigint NOT NULL
+    );
+    CREATE TABLE feedback (
+        hub text COLLATE "C" NOT NULL REFERENCES hubs (name),
+        id  bigint NOT NULL,
+        doc jsonb NOT NULL,
+        PRIMARY KEY (hub, id)
+    );"#,
 ];
 
 /// The advisory lock serializing migrations: "iothubd" in ASCII.
