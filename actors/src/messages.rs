@@ -94,9 +94,28 @@ pub enum SessionCommand {
     /// Close the connection.
     Close(CloseReason),
     /// Send a direct-method request to the device (device-protocol §2.7).
-    MethodRequest { name: String, rid: String, payload: Vec<u8> },
+    MethodRequest(Box<MethodRequest>),
     /// Send a desired-properties patch (device-protocol §2.6) if the device subscribed.
-    DesiredPatch { version: u64, body: Vec<u8> },
+    DesiredPatch(Box<DesiredPatch>),
+}
+
+// The large variants are boxed: tokio's mpsc allocates its first block of 32 slots when the
+// channel is created, so every idle session pays 32 × size_of::<SessionCommand>() — 16 bytes
+// boxed instead of ~80 inline (measured: ~2 KiB per idle connection).
+
+/// A direct-method request for the session to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodRequest {
+    pub name: String,
+    pub rid: String,
+    pub payload: Vec<u8>,
+}
+
+/// A desired-properties patch for the session to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPatch {
+    pub version: u64,
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

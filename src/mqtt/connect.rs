@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use iothubd_actors::deployment::Deployment;
 use iothubd_actors::ingest::{AuthMethod, Ingest, Sender};
-use iothubd_actors::messages::{AttachSession, DisconnectReason, SessionCommand};
+use iothubd_actors::messages::{AttachSession, DisconnectReason, MethodRequest, SessionCommand};
 use iothubd_actors::model::identity::IdentityKey;
 use ntex::time::Seconds;
 use ntex_mqtt::v3;
@@ -197,11 +197,13 @@ pub async fn handshake(
                     }
                     // Hub → device requests go at QoS 0: SDKs take any granted QoS up to 1, and
                     // a lost request surfaces as the caller's timeout (device-protocol §2.3, §2.7).
-                    Some(SessionCommand::MethodRequest { name, rid, payload }) => {
+                    Some(SessionCommand::MethodRequest(request)) => {
+                        let MethodRequest { name, rid, payload } = *request;
                         let _ = sink.publish(topic::method_request(&name, &rid)).send_at_most_once(payload.into());
                     }
-                    Some(SessionCommand::DesiredPatch { version, body }) => {
-                        let _ = sink.publish(topic::desired_patch(version as i64)).send_at_most_once(body.into());
+                    Some(SessionCommand::DesiredPatch(patch)) => {
+                        let topic = topic::desired_patch(patch.version as i64);
+                        let _ = sink.publish(topic).send_at_most_once(patch.body.into());
                     }
                     // The actor let go of this session; only the token can still end it.
                     None => break,

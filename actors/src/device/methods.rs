@@ -13,7 +13,7 @@ use futures::channel::oneshot;
 
 use super::DeviceActor;
 use crate::messages::{
-    InvokeMethod, MethodFailure, MethodResponse, MethodResult, SessionCommand, SessionSubscriptions,
+    InvokeMethod, MethodFailure, MethodRequest, MethodResponse, MethodResult, SessionCommand, SessionSubscriptions,
 };
 
 /// A call waiting for its device to come online.
@@ -46,7 +46,11 @@ impl DeviceActor {
         };
         self.next_rid += 1;
         let rid = self.next_rid.to_string();
-        let command = SessionCommand::MethodRequest { name: call.name, rid: rid.clone(), payload: call.payload };
+        let command = SessionCommand::MethodRequest(Box::new(MethodRequest {
+            name: call.name,
+            rid: rid.clone(),
+            payload: call.payload,
+        }));
         if session.outbound.try_send(command).is_err() {
             // The session cannot take more: treat it as not reachable rather than queue.
             let _ = reply.send(Err(MethodFailure::NotOnline));

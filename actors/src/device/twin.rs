@@ -10,7 +10,9 @@ use chrono::Utc;
 use serde_json::Value;
 
 use super::DeviceActor;
-use crate::messages::{GetDeviceTwin, GetTwin, ReportProperties, SessionCommand, TwinFailure, TwinRead, UpdateTwin};
+use crate::messages::{
+    DesiredPatch, GetDeviceTwin, GetTwin, ReportProperties, SessionCommand, TwinFailure, TwinRead, UpdateTwin,
+};
 use crate::model::identity::{Identity, IdentityKey};
 use crate::model::twin::{DesiredUpdate, Twin};
 use crate::router::{EventSource, SystemEvent};
@@ -95,7 +97,8 @@ impl DeviceActor {
     fn push_desired(&self, desired: DesiredUpdate) {
         if let (Some(session), true) = (&self.session, self.desired_subscribed) {
             let body = desired.body.to_string().into_bytes();
-            let _ = session.outbound.try_send(SessionCommand::DesiredPatch { version: desired.version, body });
+            let patch = DesiredPatch { version: desired.version, body };
+            let _ = session.outbound.try_send(SessionCommand::DesiredPatch(Box::new(patch)));
         }
     }
 
