@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use common::{API, client_for, postgres_url, unique_hub_name, unix_now};
+use common::{API, client_for, postgres_configured, postgres_url, unique_hub_name, unix_now};
 use iothubd::auth::sas;
 use iothubd_actors::model::identity::generate_key;
 use serde_json::json;
@@ -91,8 +91,7 @@ async fn acknowledged_device_survives_sigkill_embedded() {
 
 #[tokio::test]
 async fn acknowledged_device_survives_sigkill_postgres() {
-    if postgres_url().is_none() {
-        eprintln!("IOTHUBD_TEST_POSTGRES_URL is not set: the PostgreSQL variant is not configured here");
+    if !postgres_configured() {
         return;
     }
     acknowledged_device_survives_sigkill(true).await;
@@ -176,8 +175,7 @@ async fn acknowledged_telemetry_survives_sigkill_embedded() {
 
 #[tokio::test]
 async fn acknowledged_telemetry_survives_sigkill_postgres() {
-    if postgres_url().is_none() {
-        eprintln!("IOTHUBD_TEST_POSTGRES_URL is not set: the PostgreSQL variant is not configured here");
+    if !postgres_configured() {
         return;
     }
     acknowledged_telemetry_survives_sigkill(true).await;

@@ -142,14 +142,7 @@ async fn unknown_and_disabled_identities_are_refused() {
     let (_c, mut el) = client(&hub, "ghost", &username(&hub, "ghost"), &device_token(&hub, "ghost", &key, 600));
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
 
-    let r = hub
-        .owner(Method::PUT, "/devices/off")
-        .header("If-Match", "*")
-        .json(&json!({ "status": "disabled" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    hub.disable("/devices/off").await;
     let (_c, mut el) = client(&hub, "off", &username(&hub, "off"), &device_token(&hub, "off", &key, 600));
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized));
 }
@@ -242,14 +235,7 @@ async fn a_second_connection_of_the_same_device_closes_the_first() {
 async fn disabling_a_connected_device_drops_its_session() {
     let hub = start();
     let (_client, mut eventloop) = connected(&hub, "revoked").await;
-    let r = hub
-        .owner(Method::PUT, "/devices/revoked")
-        .header("If-Match", "*")
-        .json(&json!({ "status": "disabled" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    hub.disable("/devices/revoked").await;
     assert!(closed(&mut eventloop).await, "a disabled device loses its session");
 }
 

@@ -59,6 +59,15 @@ pub fn postgres_url() -> Option<String> {
     std::env::var("IOTHUBD_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
 }
 
+/// Whether the PostgreSQL variant of a test runs here; says so when it does not.
+pub fn postgres_configured() -> bool {
+    let configured = postgres_url().is_some();
+    if !configured {
+        eprintln!("IOTHUBD_TEST_POSTGRES_URL is not set: the PostgreSQL variant is not configured here");
+    }
+    configured
+}
+
 pub fn start() -> TestHub {
     start_with_backend(false)
 }
@@ -117,6 +126,18 @@ impl TestHub {
     pub fn with_token(&self, method: Method, path: &str, token: &str) -> reqwest::RequestBuilder {
         let sep = if path.contains('?') { '&' } else { '?' };
         self.client.request(method, self.url(&format!("{path}{sep}{API}"))).header("Authorization", token)
+    }
+
+    /// Disables an identity through the registry (`If-Match: *`).
+    pub async fn disable(&self, path: &str) {
+        let r = self
+            .owner(Method::PUT, path)
+            .header("If-Match", "*")
+            .json(&serde_json::json!({ "status": "disabled" }))
+            .send()
+            .await
+            .expect("registry answers");
+        assert_eq!(r.status(), 200, "disable {path}");
     }
 
     pub fn operator(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
