@@ -24,6 +24,7 @@ pub struct Config {
     pub hub: DefaultHubConfig,
     pub store: StoreConfig,
     pub operator: OperatorConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
 }
 
@@ -108,6 +109,13 @@ pub struct OperatorConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most messages one identity's cloud-to-device queue holds (Azure: 50).
+    pub c2d_queue_depth: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// tracing `EnvFilter` directive, e.g. `info` or `iothubd=debug,info`.
     pub filter: String,
@@ -152,6 +160,9 @@ impl Config {
         }
         if !(1..=7).contains(&self.hub.retention_days) {
             return bad("hub.retention_days", "must be 1-7");
+        }
+        if !(1..=100_000).contains(&self.limits.c2d_queue_depth) {
+            return bad("limits.c2d_queue_depth", "must be 1-100000");
         }
         Ok(())
     }

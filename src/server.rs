@@ -14,6 +14,7 @@ use actix_web::middleware::{NormalizePath, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, anyhow};
 use iothubd_actors::deployment::Deployment;
+use iothubd_actors::directory::Limits;
 use iothubd_actors::ingest::Ingest;
 use tokio::sync::oneshot;
 
@@ -154,9 +155,11 @@ async fn run(
     let store = store::open(&cfg).await.context("cannot open the store")?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let arbiters: Vec<actix::Arbiter> = (0..cores).map(|_| actix::Arbiter::new()).collect();
-    let deployment = Deployment::start(store.clone(), arbiters.iter().map(|a| a.handle()).collect())
-        .await
-        .context("cannot load hubs from the store")?;
+    let limits = Limits { c2d_queue_depth: cfg.limits.c2d_queue_depth };
+    let deployment =
+        Deployment::start_with_limits(store.clone(), arbiters.iter().map(|a| a.handle()).collect(), limits)
+            .await
+            .context("cannot load hubs from the store")?;
     let owner_connection_string = hubs::ensure_default_hub(&deployment, &cfg.hub).await?;
     let operator_key = hubs::operator_key(&cfg)?;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use actix::{ArbiterHandle, Supervisor};
 
-use crate::directory::{HubDirectory, HubHandle, HubShared, arbiter_for};
+use crate::directory::{HubDirectory, HubHandle, HubShared, Limits, arbiter_for};
 use crate::hub::HubActor;
 use crate::messages::{StopHub, UpdateHubSettings};
 use crate::model::hub::{HubDescription, HubError};
@@ -53,12 +53,23 @@ struct Inner {
     store: Arc<dyn Store>,
     directory: HubDirectory,
     arbiters: Arc<[ArbiterHandle]>,
+    limits: Limits,
 }
 
 impl Deployment {
-    /// Loads every stored hub and starts its actor. Must run inside the actix System.
+    /// Loads every stored hub and starts its actor, with the default limits. Must run inside
+    /// the actix System.
     pub async fn start(store: Arc<dyn Store>, arbiters: Vec<ArbiterHandle>) -> Result<Self, StoreError> {
-        let inner = Inner { store, directory: HubDirectory::default(), arbiters: arbiters.into() };
+        Self::start_with_limits(store, arbiters, Limits::default()).await
+    }
+
+    /// As [`Deployment::start`], with the given limits.
+    pub async fn start_with_limits(
+        store: Arc<dyn Store>,
+        arbiters: Vec<ArbiterHandle>,
+        limits: Limits,
+    ) -> Result<Self, StoreError> {
+        let inner = Inner { store, directory: HubDirectory::default(), arbiters: arbiters.into(), limits };
         let deployment = Self { inner: Arc::new(inner) };
         for hub in deployment.inner.store.list_hubs().await? {
             deployment.spawn(hub);
@@ -75,7 +86,12 @@ impl Deployment {
     }
 
     fn spawn(&self, description: HubDescription) -> HubHandle {
-        let shared = Arc::new(HubShared::new(description, self.inner.arbiters.clone(), self.inner.store.clone()));
+        let shared = Arc::new(HubShared::new(
+            description,
+            self.inner.arbiters.clone(),
+            self.inner.store.clone(),
+            self.inner.limits,
+        ));
         let store = self.inner.store.clone();
         let actor_shared = shared.clone();
         let addr = match arbiter_for(&self.inner.arbiters, shared.name()) {

@@ -32,10 +32,31 @@ pub struct HubShared {
     /// The router input for non-telemetry events; set once the router actor runs.
     router: OnceLock<Addr<RouterActor>>,
     connection_sequence: ConnectionSequence,
+    limits: Limits,
+    /// Feedback batches the service holds locks on (service-api §8).
+    feedback: crate::feedback::FeedbackLocks,
+}
+
+/// Process-wide limits every hub applies (config `[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most messages one identity's cloud-to-device queue holds (device-protocol §5.1: 50).
+    pub c2d_queue_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { c2d_queue_depth: 50 }
+    }
 }
 
 impl HubShared {
-    pub fn new(description: HubDescription, arbiters: Arc<[ArbiterHandle]>, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        description: HubDescription,
+        arbiters: Arc<[ArbiterHandle]>,
+        store: Arc<dyn Store>,
+        limits: Limits,
+    ) -> Self {
         Self {
             name: description.name.clone(),
             description: RwLock::new(Arc::new(description)),
@@ -46,7 +67,21 @@ impl HubShared {
             events_appended: watch::channel(0).0,
             router: OnceLock::new(),
             connection_sequence: ConnectionSequence::default(),
+            limits,
+            feedback: Default::default(),
         }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn feedback(&self) -> &crate::feedback::FeedbackLocks {
+        &self.feedback
     }
 
     pub(crate) fn set_router(&self, router: Addr<RouterActor>) {

@@ -4,7 +4,9 @@
 //! - [`store`]: the `Store` trait, the only door to persistent state; implemented in `iothubd`.
 //! - [`messages`]: every message the front-ends send to actors, with what the reply means.
 //! - [`import`]: bulk import modes (service-api §3).
-//! - [`device`]: `DeviceActor`, one per identity: its session slot (and soon twin, C2D, methods).
+//! - [`device`]: `DeviceActor`, one per identity: its session slot, twin, direct methods and
+//!   cloud-to-device queue.
+//! - [`feedback`]: the hub's C2D feedback queue as the service receives it (batches under locks).
 //! - [`ingest`]: telemetry stamped and appended to the hub's events log.
 //! - [`router`]: `RouterActor`, one per hub: non-telemetry events through explicit routes.
 //! - [`hub`]: `HubActor`, one per hub: identity-registry writes and hub settings.
@@ -17,6 +19,7 @@
 pub mod deployment;
 pub mod device;
 pub mod directory;
+pub mod feedback;
 pub mod hub;
 pub mod import;
 pub mod ingest;

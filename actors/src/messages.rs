@@ -97,6 +97,8 @@ pub enum SessionCommand {
     MethodRequest(Box<MethodRequest>),
     /// Send a desired-properties patch (device-protocol §2.6) if the device subscribed.
     DesiredPatch(Box<DesiredPatch>),
+    /// Deliver a cloud-to-device message (device-protocol §2.8).
+    C2d(Box<C2dDelivery>),
 }
 
 // The large variants are boxed: tokio's mpsc allocates its first block of 32 slots when the
@@ -284,4 +286,87 @@ pub struct SessionSubscriptions {
     pub connection_id: u64,
     pub methods: bool,
     pub desired: bool,
+    /// `devices/{d}/messages/devicebound/#`.
+    pub c2d: bool,
+}
+
+// ---- cloud-to-device: service senders and device receivers ↔ DeviceActor ----------------------
+
+/// A cloud-to-device message as the service sends it (service-api §8; the REST send and, later,
+/// the AMQP sender). The actor assigns its sequence number and enqueued time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutgoingC2d {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub user_id: Option<String>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// Absolute expiry; `None` = the hub's default TTL. Capped at the 2-day maximum.
+    pub expiry_time: Option<chrono::DateTime<chrono::Utc>>,
+    pub ack: crate::model::c2d::FeedbackMode,
+    pub properties: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Service → `DeviceActor`: enqueue a message. The reply (its sequence number) comes once the
+/// message is durable.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<u64, C2dFailure>")]
+pub struct SendC2d(pub Box<OutgoingC2d>);
+
+/// Why a cloud-to-device operation failed, in domain terms.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum C2dFailure {
+    #[error("{0} not found")]
+    NotFound(IdentityKey),
+    /// The queue holds its maximum (403004 DeviceMaximumQueueDepthExceeded).
+    #[error("the queue of {key} holds its maximum of {max} messages")]
+    QueueFull { key: IdentityKey, max: usize },
+    /// The lock token is unknown, or its lock expired (412002 DeviceMessageLockLost).
+    #[error("the lock token is unknown or its lock expired")]
+    LockLost,
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+/// Device (HTTPS) → `DeviceActor`: take the next message, locked for `lock_timeout`. `None`
+/// when nothing is waiting.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<Option<crate::model::c2d::C2dMessage>, C2dFailure>")]
+pub struct ReceiveC2d {
+    pub lock_timeout: std::time::Duration,
+}
+
+/// What the device did with a delivered message (device-protocol §3, §4.4; MQTT PUBACK = complete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum C2dOutcome {
+    Complete,
+    Reject,
+    Abandon,
+}
+
+/// Device → `DeviceActor`: settle the message holding `lock_token`. From an MQTT session the
+/// reply is not awaited (the PUBACK already went).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), C2dFailure>")]
+pub struct SettleC2d {
+    pub lock_token: String,
+    pub outcome: C2dOutcome,
+}
+
+/// Service → `DeviceActor`: drop every queued message (`Purged` feedback); the reply is how
+/// many were dropped.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<usize, C2dFailure>")]
+pub struct PurgeC2d;
+
+/// A message for the session to publish on `devices/{d}/messages/devicebound/{bag}` and settle
+/// with its PUBACK (device-protocol §2.8). `redelivery` = an earlier delivery was not settled
+/// (DUP=1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct C2dDelivery {
+    pub key: IdentityKey,
+    pub message: crate::model::c2d::C2dMessage,
+    pub lock_token: String,
+    pub redelivery: bool,
 }

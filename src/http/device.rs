@@ -39,7 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// The hub, the identity addressed by the path, and the session-like stamps of its sender.
-async fn authorize_device(req: &HttpRequest, state: &AppState) -> Result<(HubHandle, Sender), ApiError> {
+pub(super) async fn authorize_device(req: &HttpRequest, state: &AppState) -> Result<(HubHandle, Sender), ApiError> {
     let key = path_identity(req)?;
     let host = request_host(req);
     let unauthorized = |why: String| ApiError::new(ErrorCode::IotHubUnauthorizedAccess, why);

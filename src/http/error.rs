@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use chrono::Utc;
 use iothubd_actors::deployment::HubAdminError;
-use iothubd_actors::messages::RegistryError;
+use iothubd_actors::messages::{C2dFailure, RegistryError};
 use iothubd_actors::store::StoreError;
 
 use crate::auth::AuthError;
@@ -31,6 +31,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     TooManyDevices,
     DeviceNotOnline,
+    DeviceMaximumQueueDepthExceeded,
+    DeviceMessageLockLost,
     GatewayTimeout,
     ServerError,
     ServiceUnavailable,
@@ -54,6 +56,8 @@ impl ErrorCode {
             Self::MessageTooLarge => "MessageTooLarge",
             Self::TooManyDevices => "TooManyDevices",
             Self::DeviceNotOnline => "DeviceNotOnline",
+            Self::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
+            Self::DeviceMessageLockLost => "DeviceMessageLockLost",
             Self::GatewayTimeout => "GatewayTimeout",
             Self::ServerError => "ServerError",
             Self::ServiceUnavailable => "ServiceUnavailable",
@@ -71,7 +75,8 @@ impl ErrorCode {
             Self::IotHubUnauthorizedAccess => StatusCode::UNAUTHORIZED,
             Self::DeviceNotFound | Self::ModuleNotFound | Self::DeviceNotOnline => StatusCode::NOT_FOUND,
             Self::DeviceAlreadyExists | Self::ModuleAlreadyExistsOnDevice => StatusCode::CONFLICT,
-            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Self::DeviceMaximumQueueDepthExceeded => StatusCode::FORBIDDEN,
+            Self::PreconditionFailed | Self::DeviceMessageLockLost => StatusCode::PRECONDITION_FAILED,
             Self::TooManyDevices | Self::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -153,6 +158,20 @@ impl From<RegistryError> for ApiError {
             | RegistryError::InvalidTwin { .. } => ErrorCode::ArgumentInvalid,
             RegistryError::Store(s) => return s.clone().into(),
             RegistryError::HubStopped => ErrorCode::ServiceUnavailable,
+        };
+        Self::new(code, text)
+    }
+}
+
+impl From<C2dFailure> for ApiError {
+    fn from(e: C2dFailure) -> Self {
+        let text = e.to_string();
+        let code = match &e {
+            C2dFailure::NotFound(k) if k.is_module() => ErrorCode::ModuleNotFound,
+            C2dFailure::NotFound(_) => ErrorCode::DeviceNotFound,
+            C2dFailure::QueueFull { .. } => ErrorCode::DeviceMaximumQueueDepthExceeded,
+            C2dFailure::LockLost => ErrorCode::DeviceMessageLockLost,
+            C2dFailure::Store(s) => return s.clone().into(),
         };
         Self::new(code, text)
     }

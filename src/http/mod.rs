@@ -3,6 +3,8 @@
 //! - [`error`]: every error mapped once to IoT Hub's REST form (service-api §2).
 //! - [`service`]: what every service call does first: api-version, hub from `Host`, SAS rights.
 //! - [`device`]: the HTTPS device API: telemetry, single and batch (device-protocol §3).
+//! - [`c2d`]: cloud-to-device: the service's send, purge and feedback; the device's receive,
+//!   complete, reject and abandon (device-protocol §3, service-api §8).
 //! - [`registry`]: identity registry REST (service-api §3), bulk import included.
 //! - [`twins`]: service twin REST (service-api §4), through the device actors.
 //! - [`methods`]: direct methods (service-api §6), through the device actors.
@@ -14,6 +16,7 @@
 //!
 //! Handlers parse the wire and send messages to actors; they never write the store.
 
+pub mod c2d;
 pub mod device;
 pub mod error;
 pub mod events;
@@ -49,6 +52,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     observe::configure(cfg);
     operator::configure(cfg);
     device::configure(cfg);
+    c2d::configure(cfg);
     registry::configure(cfg);
     twins::configure(cfg);
     methods::configure(cfg);

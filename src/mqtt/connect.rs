@@ -9,14 +9,15 @@
 //! client certificate instead (X.509, device-protocol §1.4). Then the identity's `DeviceActor` takes the session; an
 //! older session of the same identity is closed.
 
-use std::cell::Cell;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use iothubd_actors::deployment::Deployment;
 use iothubd_actors::ingest::{AuthMethod, Ingest, Sender};
-use iothubd_actors::messages::{AttachSession, DisconnectReason, MethodRequest, SessionCommand};
+use iothubd_actors::messages::{
+    AttachSession, C2dDelivery, C2dOutcome, DisconnectReason, MethodRequest, SessionCommand, SettleC2d,
+};
+use iothubd_actors::model::c2d::FeedbackMode;
 use iothubd_actors::model::identity::IdentityKey;
 use ntex::time::Seconds;
 use ntex_mqtt::v3;
@@ -24,7 +25,8 @@ use ntex_mqtt::v3::codec::ConnectAckReason;
 use ntex_tls::rustls::PeerCertChain;
 use tokio::sync::mpsc;
 
-use super::session::MqttSession;
+use super::bag::{PropertyBag, SystemProperties};
+use super::session::{MqttSession, SharedFlags};
 use super::topic::{self, parse_username};
 use crate::auth::{self, Principal, SasToken};
 
@@ -32,8 +34,10 @@ use crate::auth::{self, Principal, SasToken};
 /// most this (device-protocol §2.1).
 const MAX_IDLE_SECONDS: u16 = 1767;
 
-/// Commands a device actor may queue for a session before it must drain them.
-const SESSION_COMMAND_QUEUE: usize = 8;
+/// Commands a device actor may queue for a session before it must drain them (room for a full
+/// window of C2D deliveries besides method requests and desired patches; tokio allocates the
+/// channel's slots in blocks of 32 either way).
+const SESSION_COMMAND_QUEUE: usize = 16;
 
 /// What every connection shares (one per process; `Send + Sync`).
 pub struct MqttContext {
@@ -167,13 +171,14 @@ pub async fn handshake(
         Err(e) => return Ok(handshake.failed(refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))),
     };
 
-    let reason = Rc::new(Cell::new(DisconnectReason::ConnectionLost));
+    let flags = SharedFlags::new();
     // One task per session carries out the actor's commands on this connection's thread (the
     // sink is tied to it, DESIGN.md §10) and ends the session when its token does
     // (device-protocol §1.3; SDKs reconnect with a new one). One task, not two: an idle
     // connection's memory is what limits how many devices a hub holds.
     let sink = handshake.sink();
-    let task_reason = reason.clone();
+    let task_flags = flags.clone();
+    let task_actor = actor.clone();
     let (closed, connection_gone) = futures::channel::oneshot::channel::<()>();
     let lifetime = expiry.map(|expiry| std::time::Duration::from_secs(expiry.saturating_sub(now)));
     ntex::rt::spawn(async move {
@@ -192,7 +197,7 @@ pub async fn handshake(
                 _ = &mut connection_gone => return,
                 command = commands.recv() => match command {
                     Some(SessionCommand::Close(_)) => {
-                        task_reason.set(DisconnectReason::TakenOver);
+                        task_flags.reason.set(DisconnectReason::TakenOver);
                         sink.close();
                     }
                     // Hub → device requests go at QoS 0: SDKs take any granted QoS up to 1, and
@@ -205,26 +210,75 @@ pub async fn handshake(
                         let topic = topic::desired_patch(patch.version as i64);
                         let _ = sink.publish(topic).send_at_most_once(patch.body.into());
                     }
+                    Some(SessionCommand::C2d(delivery)) => {
+                        deliver_c2d(&sink, &task_actor, *delivery, task_flags.c2d_at_most_once.get());
+                    }
                     // The actor let go of this session; only the token can still end it.
                     None => break,
                 },
                 () = &mut expired => {
-                    task_reason.set(DisconnectReason::TokenExpired);
+                    task_flags.reason.set(DisconnectReason::TokenExpired);
                     sink.close();
                     return;
                 }
             }
         }
         if let futures::future::Either::Right(_) = futures::future::select(connection_gone, expired).await {
-            task_reason.set(DisconnectReason::TokenExpired);
+            task_flags.reason.set(DisconnectReason::TokenExpired);
             sink.close();
         }
     });
 
     let keep_alive = pkt.keep_alive;
-    let session =
-        MqttSession::new(hub.shared.clone(), sender, ctx.ingest.clone(), connection_id, actor, reason, closed);
+    let session = MqttSession::new(hub.shared.clone(), sender, ctx.ingest.clone(), connection_id, actor, flags, closed);
     Ok(handshake.ack(session, outcome.session_present).idle_timeout(idle_timeout(keep_alive)))
+}
+
+/// Publishes a cloud-to-device message on `devices/{d}/messages/devicebound/{bag}`
+/// (device-protocol §2.8): at QoS 1 its PUBACK completes it; at QoS 0 (the device subscribed
+/// so) it completes when sent. Without a PUBACK (the connection dropped) the actor makes it
+/// Enqueued again when the session detaches.
+fn deliver_c2d(
+    sink: &v3::MqttSink,
+    actor: &actix::Addr<iothubd_actors::device::DeviceActor>,
+    delivery: C2dDelivery,
+    at_most_once: bool,
+) {
+    let C2dDelivery { key, message, lock_token, redelivery } = delivery;
+    let to = match &key.module_id {
+        Some(module) => format!("/devices/{}/modules/{module}/messages/deviceBound", key.device_id),
+        None => format!("/devices/{}/messages/deviceBound", key.device_id),
+    };
+    let ack = message.ack;
+    let bag = PropertyBag {
+        system: SystemProperties {
+            message_id: message.message_id.as_deref().map(Into::into),
+            correlation_id: message.correlation_id.as_deref().map(Into::into),
+            user_id: message.user_id.as_deref().map(Into::into),
+            to: Some(to.into()),
+            content_type: message.content_type.as_deref().map(Into::into),
+            content_encoding: message.content_encoding.as_deref().map(Into::into),
+            ack: (ack != FeedbackMode::None).then(|| ack.as_str().into()),
+            ..Default::default()
+        },
+        application: message.properties.iter().map(|(k, v)| (k.as_str().into(), Some(v.as_str().into()))).collect(),
+    };
+    let topic = topic::c2d(&key.device_id, &bag);
+    let publish = sink.publish(topic).dup(redelivery);
+    let settle = SettleC2d { lock_token, outcome: C2dOutcome::Complete };
+    if at_most_once {
+        if publish.send_at_most_once(message.body.into()).is_ok() {
+            actor.do_send(settle);
+        }
+        return;
+    }
+    let acked = publish.send_at_least_once(message.body.into());
+    let actor = actor.clone();
+    ntex::rt::spawn(async move {
+        if acked.await.is_ok() {
+            actor.do_send(settle);
+        }
+    });
 }
 
 #[cfg(test)]

@@ -134,7 +134,7 @@ async fn publish(session: v3::Session<MqttSession>, publish: v3::Publish) -> Res
     let parsed = match DeviceTopic::parse(topic, &state.key) {
         Ok(t) => t,
         Err(e) => {
-            state.disconnect_reason.set(DisconnectReason::ProtocolError);
+            state.flags.reason.set(DisconnectReason::ProtocolError);
             return Err(SessionError::Refused(format!("PUBLISH to '{topic}' refused: {e}")));
         }
     };
@@ -142,7 +142,7 @@ async fn publish(session: v3::Session<MqttSession>, publish: v3::Publish) -> Res
     match parsed {
         DeviceTopic::Telemetry { bag } => {
             let event = event_from_publish(bag, &body, publish.retain()).map_err(|e| {
-                state.disconnect_reason.set(DisconnectReason::ProtocolError);
+                state.flags.reason.set(DisconnectReason::ProtocolError);
                 SessionError::Refused(e.to_string())
             })?;
             let append = state.ingest.telemetry(&state.hub, &state.sender, event);
@@ -181,6 +181,7 @@ fn report_subscriptions(state: &MqttSession, subscriptions: &[Subscription]) {
         connection_id: state.connection_id,
         methods: subscriptions.contains(&Subscription::MethodRequests),
         desired: subscriptions.contains(&Subscription::DesiredPatches),
+        c2d: subscriptions.contains(&Subscription::C2d),
     });
 }
 
@@ -197,7 +198,11 @@ async fn protocol(session: v3::Session<MqttSession>, msg: ProtocolMessage) -> Re
                             subscriptions.push(s);
                         }
                         // The hub publishes at most at QoS 1 (device-protocol §2.3).
-                        item.confirm(if item.qos() == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce });
+                        let at_most_once = item.qos() == QoS::AtMostOnce;
+                        if s == Subscription::C2d {
+                            state.flags.c2d_at_most_once.set(at_most_once);
+                        }
+                        item.confirm(if at_most_once { QoS::AtMostOnce } else { QoS::AtLeastOnce });
                     }
                     // Unsupported, foreign, or one too many: 0x80 for that filter (§2.3, rec.).
                     _ => item.fail(),
@@ -217,7 +222,7 @@ async fn protocol(session: v3::Session<MqttSession>, msg: ProtocolMessage) -> Re
             unsub.ack()
         }
         ProtocolMessage::Disconnect(d) => {
-            state.disconnect_reason.set(DisconnectReason::ClientDisconnect);
+            state.flags.reason.set(DisconnectReason::ClientDisconnect);
             d.ack()
         }
         other => other.ack(),

@@ -22,6 +22,22 @@ use super::topic::Subscription;
 /// Most subscriptions one connection may hold (device-protocol §2.3).
 pub const MAX_SUBSCRIPTIONS: usize = 5;
 
+/// What a session and its command task (`connect::handshake`) both need to see.
+#[derive(Debug)]
+pub struct SharedFlags {
+    /// Why the connection ends, set by whoever ends it.
+    pub reason: Cell<DisconnectReason>,
+    /// The device subscribed to cloud-to-device messages at QoS 0: deliveries are settled
+    /// when sent (at most once) instead of by their PUBACK.
+    pub c2d_at_most_once: Cell<bool>,
+}
+
+impl SharedFlags {
+    pub fn new() -> Rc<Self> {
+        Rc::new(Self { reason: Cell::new(DisconnectReason::ConnectionLost), c2d_at_most_once: Cell::new(false) })
+    }
+}
+
 pub struct MqttSession {
     pub hub: Arc<HubShared>,
     pub key: IdentityKey,
@@ -30,8 +46,8 @@ pub struct MqttSession {
     pub connection_id: u64,
     pub actor: Addr<DeviceActor>,
     pub subscriptions: RefCell<Vec<Subscription>>,
-    /// Why the connection ends, set by whoever ends it; shared with the session's timers.
-    pub disconnect_reason: Rc<Cell<DisconnectReason>>,
+    /// Shared with the session's command task.
+    pub flags: Rc<SharedFlags>,
     /// Completion of the latest PUBLISH still in progress (see [`MqttSession::ack_in_order`]).
     last_publish: RefCell<Option<oneshot::Receiver<()>>>,
     /// Dropped with the session: tells the session's timers that the connection is gone.
@@ -45,7 +61,7 @@ impl MqttSession {
         ingest: Ingest,
         connection_id: u64,
         actor: Addr<DeviceActor>,
-        disconnect_reason: Rc<Cell<DisconnectReason>>,
+        flags: Rc<SharedFlags>,
         closed: oneshot::Sender<()>,
     ) -> Self {
         Self {
@@ -56,7 +72,7 @@ impl MqttSession {
             connection_id,
             actor,
             subscriptions: RefCell::new(Vec::new()),
-            disconnect_reason,
+            flags,
             last_publish: RefCell::new(None),
             _closed: closed,
         }
@@ -82,6 +98,6 @@ impl MqttSession {
 
 impl Drop for MqttSession {
     fn drop(&mut self) {
-        self.actor.do_send(DetachSession { connection_id: self.connection_id, reason: self.disconnect_reason.get() });
+        self.actor.do_send(DetachSession { connection_id: self.connection_id, reason: self.flags.reason.get() });
     }
 }

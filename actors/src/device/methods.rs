@@ -136,7 +136,9 @@ impl Handler<SessionSubscriptions> for DeviceActor {
         if self.session.as_ref().is_some_and(|s| s.connection_id == msg.connection_id) {
             self.methods_subscribed = msg.methods;
             self.desired_subscribed = msg.desired;
+            self.c2d_subscribed = msg.c2d;
             self.release_waiting(ctx);
+            self.start_c2d(ctx);
         }
     }
 }

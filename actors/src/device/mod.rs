@@ -3,9 +3,10 @@
 //!
 //! It owns the identity's session slot — one live session per identity, the newer one wins and
 //! the older is told to close (device-protocol §2.3) — and its twin ([`twin`]), loaded on first
-//! use and written through to the store on every change. C2D queues and pending method calls
-//! join it with the methods/C2D work.
+//! use and written through to the store on every change; its pending direct-method calls
+//! ([`methods`]); and its cloud-to-device queue ([`c2d`]).
 
+pub mod c2d;
 pub mod methods;
 mod twin;
 
@@ -47,6 +48,11 @@ pub struct DeviceActor {
     /// What the attached session subscribed to (device-protocol §2.5).
     methods_subscribed: bool,
     desired_subscribed: bool,
+    c2d_subscribed: bool,
+    /// The cloud-to-device queue; `None` until first used (boxed: idle actors stay small).
+    c2d: Option<Box<c2d::Queue>>,
+    /// Fires at the queue's earliest expiry.
+    c2d_expiry: Option<SpawnHandle>,
     session: Option<AttachedSession>,
     /// A persistent (clean session 0) session existed before; its subscriptions are kept.
     persistent_state: bool,
@@ -66,6 +72,9 @@ impl DeviceActor {
             next_waiting: 0,
             methods_subscribed: false,
             desired_subscribed: false,
+            c2d_subscribed: false,
+            c2d: None,
+            c2d_expiry: None,
             session: None,
             persistent_state: false,
             idle_timer: None,
@@ -87,6 +96,9 @@ impl DeviceActor {
 
     fn close_session(&mut self, reason: CloseReason) {
         if let Some(old) = self.session.take() {
+            if let Some(queue) = self.c2d.as_mut() {
+                queue.release_session(old.connection_id);
+            }
             // A full queue means the session is already stuck; it is closed by its own
             // keep-alive then. The slot is freed either way.
             let _ = old.outbound.try_send(SessionCommand::Close(reason));
@@ -139,11 +151,13 @@ impl Handler<AttachSession> for DeviceActor {
             // A new session starts with no subscriptions; a kept one keeps them (§2.8).
             self.methods_subscribed = false;
             self.desired_subscribed = false;
+            self.c2d_subscribed = false;
         }
         self.session = Some(AttachedSession { connection_id: msg.connection_id, outbound: msg.outbound });
         self.hub.session_attached();
         self.connection_event("deviceConnected", None);
         self.release_waiting(ctx);
+        self.start_c2d(ctx);
         if let Some(t) = self.idle_timer.take() {
             ctx.cancel_future(t);
         }
@@ -157,6 +171,9 @@ impl Handler<DetachSession> for DeviceActor {
     fn handle(&mut self, msg: DetachSession, ctx: &mut Context<Self>) {
         if self.session.as_ref().is_some_and(|s| s.connection_id == msg.connection_id) {
             self.session = None;
+            if let Some(queue) = self.c2d.as_mut() {
+                queue.release_session(msg.connection_id);
+            }
             self.hub.session_detached();
             tracing::debug!(identity = %self.key, reason = ?msg.reason, "session detached");
             self.connection_event("deviceDisconnected", Some(msg.reason));
@@ -171,6 +188,8 @@ impl Handler<RevokeSession> for DeviceActor {
     fn handle(&mut self, _: RevokeSession, ctx: &mut Context<Self>) {
         self.close_session(CloseReason::IdentityRevoked);
         self.persistent_state = false;
+        // A deleted identity's queue is gone from the store; a disabled one's is reloaded.
+        self.forget_c2d(ctx);
         self.arm_idle_timer(ctx);
     }
 }

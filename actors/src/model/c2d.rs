@@ -32,6 +32,16 @@ impl FeedbackMode {
         }
     }
 
+    /// The `iothub-ack` text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Positive => "positive",
+            Self::Negative => "negative",
+            Self::Full => "full",
+        }
+    }
+
     /// Whether an outcome with `status` produces a feedback record under this mode.
     pub fn wants(self, status: FeedbackStatus) -> bool {
         match self {

@@ -186,6 +186,33 @@ impl Default for CloudToDeviceProperties {
     }
 }
 
+/// The longest a cloud-to-device or feedback message may live (device-protocol §5.1).
+pub const MAX_C2D_TTL: std::time::Duration = std::time::Duration::from_secs(2 * 24 * 3600);
+
+impl CloudToDeviceProperties {
+    /// `defaultTtlAsIso8601` (checked by [`HubDescription::normalize`]; 1 h if unreadable).
+    pub fn default_ttl(&self) -> std::time::Duration {
+        iso8601_duration(&self.default_ttl_as_iso8601).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+}
+
+impl FeedbackProperties {
+    /// `ttlAsIso8601` (1 h if unreadable).
+    pub fn ttl(&self) -> std::time::Duration {
+        iso8601_duration(&self.ttl_as_iso8601).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+
+    /// `lockDurationAsIso8601` (1 min if unreadable).
+    pub fn lock_duration(&self) -> std::time::Duration {
+        iso8601_duration(&self.lock_duration_as_iso8601).unwrap_or(std::time::Duration::from_secs(60))
+    }
+}
+
+/// An ISO 8601 duration as ARM writes them (`PT1H`, `P2D`, `PT1M30S`); `None` when unreadable.
+pub fn iso8601_duration(text: &str) -> Option<std::time::Duration> {
+    iso8601::duration(text).ok().map(Into::into)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct HubProperties {
@@ -261,6 +288,23 @@ impl HubDescription {
         if !(1..=100).contains(&c2d.max_delivery_count) {
             return Err(HubError("cloudToDevice.maxDeliveryCount must be 1-100".into()));
         }
+        let minute = std::time::Duration::from_secs(60);
+        let in_range = |text: &str, min, max| iso8601_duration(text).is_some_and(|d| (min..=max).contains(&d));
+        if !in_range(&c2d.default_ttl_as_iso8601, minute, MAX_C2D_TTL) {
+            return Err(HubError("cloudToDevice.defaultTtlAsIso8601 must be an ISO 8601 duration of PT1M-P2D".into()));
+        }
+        if !in_range(&c2d.feedback.ttl_as_iso8601, minute, MAX_C2D_TTL) {
+            return Err(HubError(
+                "cloudToDevice.feedback.ttlAsIso8601 must be an ISO 8601 duration of PT1M-P2D".into(),
+            ));
+        }
+        let (five_s, five_min) = (std::time::Duration::from_secs(5), std::time::Duration::from_secs(300));
+        if !in_range(&c2d.feedback.lock_duration_as_iso8601, five_s, five_min) {
+            return Err(HubError("cloudToDevice.feedback.lockDurationAsIso8601 must be PT5S-PT5M".into()));
+        }
+        if !(1..=100).contains(&c2d.feedback.max_delivery_count) {
+            return Err(HubError("cloudToDevice.feedback.maxDeliveryCount must be 1-100".into()));
+        }
         if !(1..=200).contains(&self.sku.capacity) {
             return Err(HubError("sku.capacity must be 1-200".into()));
         }
@@ -285,6 +329,14 @@ impl HubDescription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso8601_durations_of_hub_settings() {
+        assert_eq!(iso8601_duration("PT1H"), Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(iso8601_duration("P2D"), Some(MAX_C2D_TTL));
+        assert_eq!(iso8601_duration("PT1M30S"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(iso8601_duration("an hour"), None);
+    }
 
     #[test]
     fn rights_round_trip_arm_text() {
