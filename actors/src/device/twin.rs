@@ -20,7 +20,9 @@ use crate::store::{Store, StoreError};
 
 /// What a twin change produced besides the new twin.
 struct Changed {
-    read: TwinRead,
+    twin: Twin,
+    /// Read when the caller needs it (the service view), skipped on the device's hot path.
+    identity: Option<Identity>,
     event: Option<(&'static str, Value)>,
     desired: Option<DesiredUpdate>,
 }
@@ -37,13 +39,23 @@ fn store_failure(key: &IdentityKey, e: StoreError) -> TwinFailure {
     }
 }
 
-/// The identity and its twin (the cached one when given, else the stored one, else new).
+/// The identity and its twin (the cached one when given, else the stored one, else new). The
+/// identity is read only when `need_identity` or when nothing is cached (a new twin takes its
+/// creation time): a device's reported patches touch only the twin.
 async fn load(
     store: &dyn Store,
     hub: &str,
     key: &IdentityKey,
     cached: Option<Twin>,
-) -> Result<(Identity, Twin, Option<u64>), TwinFailure> {
+    need_identity: bool,
+) -> Result<(Option<Identity>, Twin, Option<u64>), TwinFailure> {
+    let cached = match cached {
+        Some(twin) if !need_identity => {
+            let version = twin.version();
+            return Ok((None, twin, Some(version)));
+        }
+        other => other,
+    };
     let identity = store
         .get_identity(hub, key)
         .await
@@ -55,7 +67,7 @@ async fn load(
     };
     let expected = stored.as_ref().map(Twin::version);
     let twin = stored.unwrap_or_else(|| Twin::new(identity.created_time));
-    Ok((identity, twin, expected))
+    Ok((Some(identity), twin, expected))
 }
 
 /// Read, change with `apply`, write — retried once on a fresh read if the stored twin moved.
@@ -64,7 +76,7 @@ async fn change<F>(
     hub: String,
     key: IdentityKey,
     cached: Option<Twin>,
-    connected: bool,
+    need_identity: bool,
     apply: F,
 ) -> Result<Changed, TwinFailure>
 where
@@ -72,10 +84,10 @@ where
 {
     let mut cached = cached;
     for attempt in 0..2 {
-        let (identity, mut twin, expected) = load(&*store, &hub, &key, cached.take()).await?;
+        let (identity, mut twin, expected) = load(&*store, &hub, &key, cached.take(), need_identity).await?;
         let (event, desired) = apply(&mut twin)?;
         match store.replace_twin(&hub, &key, &twin, expected).await {
-            Ok(()) => return Ok(Changed { read: TwinRead { twin, identity, connected }, event, desired }),
+            Ok(()) => return Ok(Changed { twin, identity, event, desired }),
             Err(StoreError::PreconditionFailed) if attempt == 0 => continue,
             Err(e) => return Err(store_failure(&key, e)),
         }
@@ -121,7 +133,8 @@ impl Handler<GetTwin> for DeviceActor {
             (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
         let connected = self.session.is_some();
         let fut = async move {
-            let (identity, twin, _) = load(&*store, &hub, &key, cached).await?;
+            let (identity, twin, _) = load(&*store, &hub, &key, cached, true).await?;
+            let identity = identity.ok_or_else(|| TwinFailure::NotFound(key.clone()))?;
             Ok(TwinRead { twin, identity, connected })
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res: Result<TwinRead, TwinFailure>, actor, ctx| {
@@ -141,7 +154,6 @@ impl Handler<UpdateTwin> for DeviceActor {
     fn handle(&mut self, msg: UpdateTwin, _: &mut Context<Self>) -> Self::Result {
         let (store, hub, key, cached) =
             (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
-        let connected = self.session.is_some();
         let apply = move |twin: &mut Twin| {
             if let Some(expected) = msg.if_match.as_deref().filter(|e| *e != "*") {
                 if expected != twin.etag() {
@@ -161,9 +173,13 @@ impl Handler<UpdateTwin> for DeviceActor {
                 Ok((update.change_event.map(|body| ("updateTwin", body)), update.desired))
             }
         };
-        let fut = change(store, hub, key, cached, connected, apply);
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, ctx| {
-            let changed = match res {
+        let missing = key.clone();
+        let fut = change(store, hub, key, cached, true, apply);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, actor, ctx| {
+            let changed = match res.and_then(|c| match c.identity {
+                Some(identity) => Ok((c.twin, identity, c.event, c.desired)),
+                None => Err(TwinFailure::NotFound(missing)),
+            }) {
                 Ok(c) => c,
                 Err(e) => {
                     // The cache may be stale after a failed write; read afresh next time.
@@ -174,25 +190,26 @@ impl Handler<UpdateTwin> for DeviceActor {
                     return Err(e);
                 }
             };
-            actor.twin = Some(changed.read.twin.clone());
-            if let Some(desired) = changed.desired {
+            let (twin, identity, event, desired) = changed;
+            actor.twin = Some(twin.clone());
+            if let Some(desired) = desired {
                 actor.push_desired(desired);
             }
-            if let Some((op_type, body)) = changed.event {
+            if let Some((op_type, body)) = event {
                 // A replace's event body is the whole twin as written (service-api §11).
                 let body = if body.is_null() {
-                    let identity = crate::model::twin::TwinIdentity::new(
-                        &changed.read.identity,
+                    let view = crate::model::twin::TwinIdentity::new(
+                        &identity,
                         &crate::model::identity::ConnectionView::default(),
                         "",
                     );
-                    changed.read.twin.service_json(&identity)
+                    twin.service_json(&view)
                 } else {
                     body
                 };
                 actor.twin_event(op_type, body);
             }
-            Ok(changed.read)
+            Ok(TwinRead { twin, identity, connected: actor.session.is_some() })
         })))
     }
 }
@@ -201,18 +218,18 @@ impl Handler<ReportProperties> for DeviceActor {
     type Result = AtomicResponse<Self, Result<u64, TwinFailure>>;
 
     fn handle(&mut self, msg: ReportProperties, _: &mut Context<Self>) -> Self::Result {
+        // Taken, not cloned: the mailbox waits for this change, and a failure drops the cache.
         let (store, hub, key, cached) =
-            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
-        let connected = self.session.is_some();
+            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.take());
         let apply = move |twin: &mut Twin| {
             let update = twin.report(msg.0.clone(), Utc::now()).map_err(|e| TwinFailure::Invalid(e.to_string()))?;
             Ok((update.change_event.map(|body| ("updateTwin", body)), None))
         };
-        let fut = change(store, hub, key, cached, connected, apply);
+        let fut = change(store, hub, key, cached, false, apply);
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, actor, _| match res {
             Ok(changed) => {
-                let version = changed.read.twin.reported_version();
-                actor.twin = Some(changed.read.twin);
+                let version = changed.twin.reported_version();
+                actor.twin = Some(changed.twin);
                 if let Some((op_type, body)) = changed.event {
                     actor.twin_event(op_type, body);
                 }
@@ -231,8 +248,8 @@ impl Handler<GetDeviceTwin> for DeviceActor {
 
     fn handle(&mut self, _: GetDeviceTwin, _: &mut Context<Self>) -> Self::Result {
         let (store, hub, key, cached) =
-            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.clone());
-        let fut = async move { load(&*store, &hub, &key, cached).await.map(|(_, twin, _)| twin) };
+            (self.store.clone(), self.hub.name().to_owned(), self.key.clone(), self.twin.take());
+        let fut = async move { load(&*store, &hub, &key, cached, false).await.map(|(_, twin, _)| twin) };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res: Result<Twin, TwinFailure>, actor, _| {
             res.map(|twin| {
                 let view = twin.device_json();
