@@ -15,7 +15,8 @@
 //! Hub CPU µs per operation comes from `/proc`. Load generator and hub share the machine.
 //!
 //! Run: `cargo build --release --bin iothubd && cargo bench --bench device_ops`
-//! (`IOTHUBD_BENCH_DEVICES`, `IOTHUBD_BENCH_SECONDS`, `IOTHUBD_BENCH_METHOD_RATE` to change the size).
+//! (`IOTHUBD_BENCH_DEVICES`, `IOTHUBD_BENCH_SECONDS`, `IOTHUBD_BENCH_METHOD_RATE` to change the size;
+//! `IOTHUBD_BENCH_ONLY=twin,desired,methods,c2d` to run some workloads).
 
 mod common;
 
@@ -173,6 +174,8 @@ fn main() {
     let devices = env_or("IOTHUBD_BENCH_DEVICES", 10_000) as usize;
     let seconds = env_or("IOTHUBD_BENCH_SECONDS", 5);
     let method_rate = env_or("IOTHUBD_BENCH_METHOD_RATE", 1000);
+    let only = std::env::var("IOTHUBD_BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only.split(',').any(|w| w == name);
     let dir = tempfile::tempdir().expect("temp dir");
     let hub = start_hub(dir.path(), devices);
     let pid = hub.child.id();
@@ -194,120 +197,133 @@ fn main() {
         );
         println!("{:<20} {:>14} {:>14} {:>24}", "workload", "ops/s", "hub µs/op", "latency p50 / p99");
 
-        // Twin storm.
-        counters.storm.store(true, Ordering::Relaxed);
-        let (acks, cpu) = (counters.twin_acks.load(Ordering::Relaxed), cpu_micros(pid));
-        let started = Instant::now();
-        for k in &kicks {
-            let _ = k.try_send(());
+        if run("twin") {
+            counters.storm.store(true, Ordering::Relaxed);
+            let (acks, cpu) = (counters.twin_acks.load(Ordering::Relaxed), cpu_micros(pid));
+            let started = Instant::now();
+            for k in &kicks {
+                let _ = k.try_send(());
+            }
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            let done = counters.twin_acks.load(Ordering::Relaxed) - acks;
+            let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_micros(pid) - cpu);
+            counters.storm.store(false, Ordering::Relaxed);
+            println!(
+                "{:<20} {:>14.0} {:>14.1} {:>24}",
+                "twin storm",
+                done as f64 / elapsed,
+                cpu as f64 / done as f64,
+                ""
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let done = counters.twin_acks.load(Ordering::Relaxed) - acks;
-        let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_micros(pid) - cpu);
-        counters.storm.store(false, Ordering::Relaxed);
-        println!("{:<20} {:>14.0} {:>14.1} {:>24}", "twin storm", done as f64 / elapsed, cpu as f64 / done as f64, "");
-        tokio::time::sleep(Duration::from_secs(1)).await;
 
-        // Desired broadcast.
-        let (seen, cpu) = (counters.desired.load(Ordering::Relaxed), cpu_micros(pid));
-        let started = Instant::now();
-        let patches = futures::stream::iter(0..devices)
-            .map(|i| {
+        if run("desired") {
+            let (seen, cpu) = (counters.desired.load(Ordering::Relaxed), cpu_micros(pid));
+            let started = Instant::now();
+            let patches = futures::stream::iter(0..devices)
+                .map(|i| {
+                    let service = service.clone();
+                    async move {
+                        let r = service
+                            .request(reqwest::Method::PATCH, &format!("/twins/bench-{i}"))
+                            .json(&json!({ "properties": { "desired": { "setpoint": i % 50 } } }))
+                            .send()
+                            .await
+                            .expect("twin PATCH");
+                        assert!(r.status().is_success(), "twin PATCH: {}", r.status());
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect::<Vec<()>>();
+            patches.await;
+            let elapsed = until_count(&counters.desired, seen + devices as u64, started).await.as_secs_f64();
+            let got = counters.desired.load(Ordering::Relaxed) - seen;
+            let cpu = cpu_micros(pid) - cpu;
+            println!(
+                "{:<20} {:>14.0} {:>14.1} {:>24}",
+                "desired broadcast",
+                got as f64 / elapsed,
+                cpu as f64 / got as f64,
+                ""
+            );
+        }
+
+        if run("methods") {
+            let calls = (method_rate * seconds) as usize;
+            let cpu = cpu_micros(pid);
+            let started = Instant::now();
+            let mut tasks = Vec::with_capacity(calls);
+            for k in 0..calls {
+                let at = started + Duration::from_secs_f64(k as f64 / method_rate as f64);
+                tokio::time::sleep_until(at.into()).await;
                 let service = service.clone();
-                async move {
+                let device = (k * 7919) % devices;
+                tasks.push(tokio::spawn(async move {
+                    let sent = Instant::now();
                     let r = service
-                        .request(reqwest::Method::PATCH, &format!("/twins/bench-{i}"))
-                        .json(&json!({ "properties": { "desired": { "setpoint": i % 50 } } }))
+                        .request(reqwest::Method::POST, &format!("/twins/bench-{device}/methods"))
+                        .json(&json!({ "methodName": "ping", "payload": {}, "responseTimeoutInSeconds": 5 }))
                         .send()
                         .await
-                        .expect("twin PATCH");
-                    assert!(r.status().is_success(), "twin PATCH: {}", r.status());
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect::<Vec<()>>();
-        patches.await;
-        let elapsed = until_count(&counters.desired, seen + devices as u64, started).await.as_secs_f64();
-        let got = counters.desired.load(Ordering::Relaxed) - seen;
-        let cpu = cpu_micros(pid) - cpu;
-        println!(
-            "{:<20} {:>14.0} {:>14.1} {:>24}",
-            "desired broadcast",
-            got as f64 / elapsed,
-            cpu as f64 / got as f64,
-            ""
-        );
-
-        // Methods, paced.
-        let calls = (method_rate * seconds) as usize;
-        let cpu = cpu_micros(pid);
-        let started = Instant::now();
-        let mut tasks = Vec::with_capacity(calls);
-        for k in 0..calls {
-            let at = started + Duration::from_secs_f64(k as f64 / method_rate as f64);
-            tokio::time::sleep_until(at.into()).await;
-            let service = service.clone();
-            let device = (k * 7919) % devices;
-            tasks.push(tokio::spawn(async move {
-                let sent = Instant::now();
-                let r = service
-                    .request(reqwest::Method::POST, &format!("/twins/bench-{device}/methods"))
-                    .json(&json!({ "methodName": "ping", "payload": {}, "responseTimeoutInSeconds": 5 }))
-                    .send()
-                    .await
-                    .expect("method call");
-                assert!(r.status().is_success(), "method: {}", r.status());
-                sent.elapsed()
-            }));
+                        .expect("method call");
+                    assert!(r.status().is_success(), "method: {}", r.status());
+                    sent.elapsed()
+                }));
+            }
+            let mut latencies = Vec::with_capacity(calls);
+            for t in tasks {
+                latencies.push(t.await.expect("task"));
+            }
+            let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_micros(pid) - cpu);
+            latencies.sort();
+            let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+            println!(
+                "{:<20} {:>14.0} {:>14.1} {:>24}",
+                format!("methods @{method_rate}/s"),
+                calls as f64 / elapsed,
+                cpu as f64 / calls as f64,
+                format!("{:.2} / {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
+            );
         }
-        let mut latencies = Vec::with_capacity(calls);
-        for t in tasks {
-            latencies.push(t.await.expect("task"));
-        }
-        let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_micros(pid) - cpu);
-        latencies.sort();
-        let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
-        println!(
-            "{:<20} {:>14.0} {:>14.1} {:>24}",
-            format!("methods @{method_rate}/s"),
-            calls as f64 / elapsed,
-            cpu as f64 / calls as f64,
-            format!("{:.2} / {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
-        );
 
-        // C2D fan-out.
-        let per_device = 3;
-        let total = (devices * per_device) as u64;
-        let (seen, cpu) = (counters.c2d.load(Ordering::Relaxed), cpu_micros(pid));
-        let started = Instant::now();
-        let sends = futures::stream::iter(0..devices * per_device)
-            .map(|k| {
-                let service = service.clone();
-                async move {
-                    let r = service
-                        .request(reqwest::Method::POST, &format!("/devices/bench-{}/messages/deviceBound", k % devices))
-                        .header("iothub-messageid", k.to_string())
-                        .body(format!("command {k}"))
-                        .send()
-                        .await
-                        .expect("C2D send");
-                    assert!(r.status().is_success(), "C2D send: {}", r.status());
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect::<Vec<()>>();
-        sends.await;
-        let sent_in = started.elapsed().as_secs_f64();
-        let elapsed = until_count(&counters.c2d, seen + total, started).await.as_secs_f64();
-        let got = counters.c2d.load(Ordering::Relaxed) - seen;
-        let cpu = cpu_micros(pid) - cpu;
-        println!(
-            "{:<20} {:>14.0} {:>14.1} {:>24}",
-            "C2D fan-out",
-            got as f64 / elapsed,
-            cpu as f64 / got as f64,
-            format!("(sends {:.0}/s)", total as f64 / sent_in)
-        );
+        if run("c2d") {
+            let per_device = 3;
+            let total = (devices * per_device) as u64;
+            let (seen, cpu) = (counters.c2d.load(Ordering::Relaxed), cpu_micros(pid));
+            let started = Instant::now();
+            let sends = futures::stream::iter(0..devices * per_device)
+                .map(|k| {
+                    let service = service.clone();
+                    async move {
+                        let r = service
+                            .request(
+                                reqwest::Method::POST,
+                                &format!("/devices/bench-{}/messages/deviceBound", k % devices),
+                            )
+                            .header("iothub-messageid", k.to_string())
+                            .body(format!("command {k}"))
+                            .send()
+                            .await
+                            .expect("C2D send");
+                        assert!(r.status().is_success(), "C2D send: {}", r.status());
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect::<Vec<()>>();
+            sends.await;
+            let sent_in = started.elapsed().as_secs_f64();
+            let elapsed = until_count(&counters.c2d, seen + total, started).await.as_secs_f64();
+            let got = counters.c2d.load(Ordering::Relaxed) - seen;
+            let cpu = cpu_micros(pid) - cpu;
+            println!(
+                "{:<20} {:>14.0} {:>14.1} {:>24}",
+                "C2D fan-out",
+                got as f64 / elapsed,
+                cpu as f64 / got as f64,
+                format!("(sends {:.0}/s)", total as f64 / sent_in)
+            );
+        }
         drop(kicks);
     });
 }
