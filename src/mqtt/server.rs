@@ -16,7 +16,7 @@ use ntex::io::{Filter, Io};
 use ntex::service::{ServiceFactory, chain_factory, fn_factory_with_config, fn_service};
 use ntex::util::Ready;
 use ntex_mqtt::v3::{self, ProtocolMessage, ProtocolMessageAck};
-use ntex_mqtt::{MqttServer, MqttServiceConfig, QoS};
+use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, Reason};
 use ntex_tls::rustls::TlsAcceptor;
 
 use super::connect::{MqttContext, SessionError, handshake};
@@ -119,6 +119,9 @@ fn mqtt_service<F: Filter>(
             .protocol(fn_factory_with_config(|session: v3::Session<MqttSession>| {
                 Ready::Ok::<_, SessionError>(fn_service(move |msg| protocol(session.clone(), msg)))
             }))
+            .control(fn_factory_with_config(|session: v3::Session<MqttSession>| {
+                Ready::Ok::<_, SessionError>(fn_service(move |c| control(session.clone(), c)))
+            }))
             .publish(fn_factory_with_config(|session: v3::Session<MqttSession>| {
                 Ready::Ok::<_, SessionError>(fn_service(move |p| publish(session.clone(), p)))
             })))
@@ -173,6 +176,20 @@ async fn publish(session: v3::Session<MqttSession>, publish: v3::Publish) -> Res
             Ok(())
         }
     }
+}
+
+/// How the connection ends, as ntex-mqtt reports it: a protocol violation is recorded as the
+/// disconnect reason; the rest needs nothing (without this service ntex-mqtt logs a warning for
+/// every closed connection).
+async fn control(
+    session: v3::Session<MqttSession>,
+    control: Control<SessionError>,
+) -> Result<Option<ntex_mqtt::v3::codec::Encoded>, SessionError> {
+    if let Control::Stop(Reason::Protocol(e)) = &control {
+        tracing::debug!(identity = %session.key, error = ?e, "MQTT protocol error");
+        session.flags.reason.set(DisconnectReason::ProtocolError);
+    }
+    Ok(None)
 }
 
 /// Tells the device actor what this session receives, after a SUBSCRIBE or UNSUBSCRIBE.
