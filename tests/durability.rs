@@ -1,6 +1,6 @@
 //! Acknowledged means durable. A 200 on `PUT /devices/{id}` and an MQTT PUBACK both survive
 //! the hub process being killed with SIGKILL right after them: it is restarted on the same
-//! data and everything acknowledged is there.
+//! data and everything acknowledged is there. The same holds for a `204` on a cloud-to-device send.
 
 mod common;
 
@@ -179,4 +179,89 @@ async fn acknowledged_telemetry_survives_sigkill_postgres() {
         return;
     }
     acknowledged_telemetry_survives_sigkill(true).await;
+}
+
+/// Cloud-to-device: 20 sends answered 204, SIGKILL, restart: the device receives all 20, in
+/// order, over HTTPS — and a message completed before the kill does not come back.
+async fn acknowledged_c2d_survives_sigkill(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_hub_name();
+    let host = format!("{name}.azure-devices.net");
+    let owner_key = generate_key();
+    let token = sas::sign(&host, &owner_key, unix_now() + 3600, Some("iothubowner")).unwrap();
+    let base = |https: SocketAddr| format!("https://{host}:{}", https.port());
+
+    let mut hub = spawn_hub(dir.path(), &name, &owner_key, postgres);
+    let client = client_for(dir.path(), &host, hub.https);
+    let r = client
+        .put(format!("{}/devices/c2d-dev?{API}", base(hub.https)))
+        .header("Authorization", &token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let device: serde_json::Value = r.json().await.unwrap();
+    let key = device["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let device_token = sas::sign(&format!("{host}/devices/c2d-dev"), &key, unix_now() + 3600, None).unwrap();
+    let receive = |https: SocketAddr| {
+        client_for(dir.path(), &host, https)
+            .get(format!("{}/devices/c2d-dev/messages/deviceBound?{API}", base(https)))
+            .header("Authorization", device_token.clone())
+    };
+    for i in 0..21 {
+        let r = client
+            .post(format!("{}/devices/c2d-dev/messages/deviceBound?{API}", base(hub.https)))
+            .header("Authorization", &token)
+            .header("iothub-messageid", format!("m{i}"))
+            .body(format!("command {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    // The first is received and completed before the kill.
+    let first = receive(hub.https).send().await.unwrap();
+    assert_eq!(first.headers()["iothub-messageid"], "m0");
+    let lock = first.headers()["etag"].to_str().unwrap().trim_matches('"').to_owned();
+    let done = client
+        .delete(format!("{}/devices/c2d-dev/messages/deviceBound/{lock}?{API}", base(hub.https)))
+        .header("Authorization", &device_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 204);
+    hub.child.kill().expect("SIGKILL");
+    hub.child.wait().unwrap();
+
+    let mut hub = spawn_hub(dir.path(), &name, &owner_key, postgres);
+    let client = client_for(dir.path(), &host, hub.https);
+    for i in 1..21 {
+        let r = receive(hub.https).send().await.unwrap();
+        assert_eq!(r.status(), 200, "message m{i} was acknowledged before SIGKILL but is gone after restart");
+        assert_eq!(r.headers()["iothub-messageid"], format!("m{i}").as_str());
+        let lock = r.headers()["etag"].to_str().unwrap().trim_matches('"').to_owned();
+        let done = client
+            .delete(format!("{}/devices/c2d-dev/messages/deviceBound/{lock}?{API}", base(hub.https)))
+            .header("Authorization", &device_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(done.status(), 204);
+    }
+    assert_eq!(receive(hub.https).send().await.unwrap().status(), 204, "the queue is empty");
+    hub.child.kill().unwrap();
+    hub.child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn acknowledged_c2d_survives_sigkill_embedded() {
+    acknowledged_c2d_survives_sigkill(false).await;
+}
+
+#[tokio::test]
+async fn acknowledged_c2d_survives_sigkill_postgres() {
+    if !postgres_configured() {
+        return;
+    }
+    acknowledged_c2d_survives_sigkill(true).await;
 }
