@@ -49,25 +49,33 @@ const DEFAULT_LOCK: Duration = Duration::from_secs(60);
 const FEEDBACK_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.feedback.json";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    // Both spellings: SDKs write `deviceBound`, people write `devicebound`.
-    for bound in ["deviceBound", "devicebound"] {
-        for base in ["/devices/{id}", "/devices/{id}/modules/{mid}"] {
-            cfg.service(
-                web::resource(format!("{base}/messages/{bound}"))
-                    .app_data(web::PayloadConfig::new(MAX_BODY + 1024))
-                    .route(web::post().to(send))
-                    .route(web::get().to(receive)),
-            )
-            .route(&format!("{base}/messages/{bound}/{{lock}}"), web::delete().to(complete_or_reject))
-            .route(&format!("{base}/messages/{bound}/{{lock}}/abandon"), web::post().to(abandon));
-        }
+    // `{bound}` is `deviceBound` in any case (SDKs write `deviceBound`, people `devicebound`),
+    // checked by the handlers: one pattern per path instead of one per spelling keeps route
+    // matching (a regex per pattern, tried in order) cheap for every request.
+    for base in ["/devices/{id}", "/devices/{id}/modules/{mid}"] {
+        cfg.service(
+            web::resource(format!("{base}/messages/{{bound}}"))
+                .app_data(web::PayloadConfig::new(MAX_BODY + 1024))
+                .route(web::post().to(send))
+                .route(web::get().to(receive)),
+        )
+        .route(&format!("{base}/messages/{{bound}}/{{lock}}"), web::delete().to(complete_or_reject))
+        .route(&format!("{base}/messages/{{bound}}/{{lock}}/abandon"), web::post().to(abandon))
+        .route(&format!("{base}/commands"), web::delete().to(purge));
     }
-    cfg.route("/devices/{id}/commands", web::delete().to(purge))
-        .route("/devices/{id}/modules/{mid}/commands", web::delete().to(purge));
-    for bound in ["serviceBound", "servicebound"] {
-        cfg.route(&format!("/messages/{bound}/feedback"), web::get().to(receive_feedback))
-            .route(&format!("/messages/{bound}/feedback/{{lock}}"), web::delete().to(complete_feedback))
-            .route(&format!("/messages/{bound}/feedback/{{lock}}/abandon"), web::post().to(abandon_feedback));
+    cfg.route("/messages/{bound}/feedback", web::get().to(receive_feedback))
+        .route("/messages/{bound}/feedback/{lock}", web::delete().to(complete_feedback))
+        .route("/messages/{bound}/feedback/{lock}/abandon", web::post().to(abandon_feedback));
+}
+
+/// The `{bound}` segment must name this API (`deviceBound` or `serviceBound`, any case).
+fn check_bound(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
+    match req.match_info().get("bound") {
+        Some(bound) if bound.eq_ignore_ascii_case(expected) => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidOperation,
+            format!("{} {} is not an operation of this hub", req.method(), req.path()),
+        )),
     }
 }
 
@@ -136,6 +144,7 @@ fn outgoing(req: &HttpRequest, body: &[u8]) -> Result<OutgoingC2d, ApiError> {
 }
 
 async fn send(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    check_bound(&req, "deviceBound")?;
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
     let key = path_identity(&req)?;
     let message = outgoing(&req, &body)?;
@@ -203,6 +212,7 @@ fn delivery_response(key: &IdentityKey, message: C2dMessage) -> HttpResponse {
 }
 
 async fn receive(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_bound(&req, "deviceBound")?;
     let (hub, _) = authorize_device(&req, &state).await?;
     let key = path_identity(&req)?;
     let lock_timeout = match req.headers().get("iothub-messagelocktimeout") {
@@ -233,6 +243,7 @@ fn lock_index(req: &HttpRequest) -> usize {
 }
 
 async fn settle(req: &HttpRequest, state: &AppState, outcome: C2dOutcome) -> Result<HttpResponse, ApiError> {
+    check_bound(req, "deviceBound")?;
     let (hub, _) = authorize_device(req, state).await?;
     let key = path_identity(req)?;
     let lock_token = lock_token(req, lock_index(req))?;
@@ -261,6 +272,7 @@ fn status_text(status: FeedbackStatus) -> &'static str {
 }
 
 async fn receive_feedback(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_bound(&req, "serviceBound")?;
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
     let Some(batch) = feedback::receive(&call.hub.shared).await? else {
         return Ok(HttpResponse::NoContent().finish());
@@ -296,12 +308,14 @@ fn feedback_error(e: FeedbackError) -> ApiError {
 }
 
 async fn complete_feedback(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_bound(&req, "serviceBound")?;
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
     feedback::complete(&call.hub.shared, &lock_token(&req, 3)?).await.map_err(feedback_error)?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 async fn abandon_feedback(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_bound(&req, "serviceBound")?;
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
     feedback::abandon(&call.hub.shared, &lock_token(&req, 3)?).await.map_err(feedback_error)?;
     Ok(HttpResponse::NoContent().finish())

@@ -52,10 +52,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     observe::configure(cfg);
     operator::configure(cfg);
     device::configure(cfg);
-    c2d::configure(cfg);
     registry::configure(cfg);
     twins::configure(cfg);
     methods::configure(cfg);
+    c2d::configure(cfg);
     websocket::configure(cfg);
     events::configure(cfg);
 }
