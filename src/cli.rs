@@ -29,6 +29,8 @@ enum Command {
     Hub(HubArgs),
     /// Print a hub's device-to-cloud events as they arrive (like `az iot hub monitor-events`).
     MonitorEvents(crate::monitor::MonitorArgs),
+    /// Simulate devices against a hub (or, with --raw, any MQTT broker) and report on it.
+    Simulate(crate::simulate::SimulateArgs),
 }
 
 #[derive(Debug, Default, Args)]
@@ -113,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Hub(args) => hub(args),
         Command::MonitorEvents(args) => crate::monitor::main(args),
+        Command::Simulate(args) => crate::simulate::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! iothubd: a self-hosted hub that the unmodified Azure IoT SDKs talk to.
 //!
 //! - [`config`]: settings from `config/default.toml`, `IOTHUBD_*` and CLI flags.
-//! - [`cli`]: `iothubd serve`, `iothubd hub …`, `iothubd monitor-events`.
+//! - [`cli`]: `iothubd serve`, `iothubd hub …`, `iothubd monitor-events`, `iothubd simulate`.
 //! - [`monitor`]: `monitor-events`: a hub's events printed as `az iot hub monitor-events` does.
 //! - [`client`]: an HTTPS client trusting the hub CA (CLI, tests).
 //! - [`server`]: boots the actix System (actors, actix-web) and the ntex System (MQTT, AMQP).
@@ -11,6 +11,8 @@
 //! - [`hubs`]: the default hub and the operator key, from configuration.
 //! - [`http`]: the HTTPS edge: registry REST, the events log, operator API, health and metrics.
 //! - [`mqtt`]: the MQTT device endpoint's codec: topics, property bags, the CONNECT username.
+//! - [`simulate`]: `iothubd simulate`: simulated devices (or raw MQTT clients) under load, with
+//!   live progress and JSON/HTML reports.
 //!
 //! The domain and the actors are in the `iothubd-actors` crate; this crate is the edges.
 
@@ -23,5 +25,6 @@ pub mod hubs;
 pub mod monitor;
 pub mod mqtt;
 pub mod server;
+pub mod simulate;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,146 @@
+//! What every device task shares, in one `Arc`: the [`Fleet`] (settings of the run, the
+//! connect [`Pacer`], the [`Stats`]) and the [`RunPhase`] through which the controller ends
+//! the run.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use ntex_mqtt::v3::codec::QoS;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::mqtt::TlsTarget;
+use super::payload::PayloadTemplate;
+use super::scenario::Mode;
+use super::stats::Stats;
+
+/// Hands out connect times `1 / rate` apart, over every device and reconnect: a token bucket
+/// with a burst of one.
+pub struct Pacer {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    pub fn new(per_second: f64) -> Self {
+        Self { interval: Duration::from_secs_f64(1.0 / per_second), next: Mutex::new(Instant::now()) }
+    }
+
+    /// The time at which the caller may connect.
+    pub fn slot(&self) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (*next).max(Instant::now());
+        *next = slot + self.interval;
+        slot
+    }
+}
+
+/// The Azure side of a device: the hub's host name, and what device keys derive from.
+pub struct HubDevices {
+    pub host: String,
+    pub seed: String,
+    /// Expiry (Unix seconds) of every device token: the end of the run plus an hour.
+    pub token_expiry: u64,
+}
+
+/// What every device task shares (one `Arc`).
+pub struct Fleet {
+    pub mode: Mode,
+    pub target: SocketAddr,
+    pub tls: Option<TlsTarget>,
+    pub source_addrs: Vec<IpAddr>,
+    /// `Some` in Azure mode.
+    pub hub: Option<HubDevices>,
+    pub prefix: String,
+    pub qos: QoS,
+    /// Telemetry interval per device; `None` = no telemetry.
+    pub send_every: Option<Duration>,
+    pub in_flight: Option<usize>,
+    pub twin_every: Option<Duration>,
+    /// Mean time between churn disconnects of one device; `None` = no churn.
+    pub churn_every: Option<f64>,
+    pub keep_alive: u16,
+    pub methods: bool,
+    pub c2d: bool,
+    pub payload: PayloadTemplate,
+    pub property_bag: String,
+    pub pacer: Pacer,
+    pub stats: Stats,
+    pub phase: RunPhase,
+}
+
+/// How a run ends, in two steps, so that the last acks are not measured behind the broker's
+/// work of closing every connection at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Running = 0,
+    /// No new messages; connected devices wait for the answers still due, and stay connected.
+    Draining = 1,
+    /// Devices send DISCONNECT and end.
+    Closing = 2,
+}
+
+/// Devices wait for a phase change on one of this many `Notify`s (by device index): each wait
+/// registers with its `Notify` under a lock, and spreading them keeps that lock uncontended.
+const PHASE_SHARDS: usize = 8;
+
+/// The run's current [`Phase`], and the signal that it changed.
+#[derive(Default)]
+pub struct RunPhase {
+    current: AtomicU8,
+    changed: [Notify; PHASE_SHARDS],
+}
+
+impl RunPhase {
+    /// Moves the run to `phase` and wakes every device.
+    pub fn enter(&self, phase: Phase) {
+        self.current.store(phase as u8, Ordering::SeqCst);
+        for signal in &self.changed {
+            signal.notify_waiters();
+        }
+    }
+
+    pub fn get(&self) -> Phase {
+        match self.current.load(Ordering::SeqCst) {
+            0 => Phase::Running,
+            1 => Phase::Draining,
+            _ => Phase::Closing,
+        }
+    }
+
+    /// Resolves at the next phase change after this call. Taken *before* reading the phase, a
+    /// change between the two still completes it (`Notified` counts `notify_waiters` calls made
+    /// after its creation).
+    pub(super) fn changed(&self, index: u32) -> tokio::sync::futures::Notified<'_> {
+        self.changed[index as usize % PHASE_SHARDS].notified()
+    }
+}
+
+impl Fleet {
+    pub(super) fn device_id(&self, index: u32) -> String {
+        format!("{}{index}", self.prefix)
+    }
+
+    pub(super) fn telemetry_topic(&self, index: u32) -> String {
+        match self.mode {
+            Mode::Raw => format!("sim/{index}/events"),
+            Mode::Azure => format!("devices/{}{index}/messages/events/{}", self.prefix, self.property_bag),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_spaces_connects_by_the_rate() {
+        let pacer = Pacer::new(100.0);
+        let a = pacer.slot();
+        let b = pacer.slot();
+        assert_eq!(b - a, Duration::from_millis(10));
+    }
+}

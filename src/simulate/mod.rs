@@ -1,0 +1,325 @@
+//! `iothubd simulate`: thousands of simulated devices against a hub — or, with `--raw`, the
+//! same workload against any MQTT broker — with live progress and a JSON and HTML report.
+//!
+//! - [`scenario`]: the settings (flags and a TOML file, flags winning) and their defaults.
+//! - [`provision`]: the hub's credentials, derived device keys, bulk import of the devices.
+//! - [`device`]: one task per device — connect, subscribe, telemetry, twin, methods, C2D, churn.
+//! - [`fleet`]: what the device tasks share: settings, connect pacing, stats, the run's phase.
+//! - [`mqtt`]: the minimal MQTT 3.1.1 client under it (ntex-mqtt's codec, plain or TLS).
+//! - [`payload`]: telemetry bodies and the property bag.
+//! - [`stats`]: counters, latency histograms, the per-second timeline.
+//! - [`progress`]: the live lines in the terminal (indicatif).
+//! - [`report`], [`html`]: `report.json` and a self-contained `report.html` with SVG plots.
+//! - [`system`]: open-file limit, local addresses and ports, resident memory.
+//!
+//! Decisions, and why:
+//! - **One small task per device, no MQTT client crate.** A device is a tokio task owning its
+//!   socket; idle, it holds no read or write buffer (see [`mqtt`]) and its future stays well
+//!   under 2 KiB (a unit test pins the size). The report measures RSS before the devices and
+//!   once all are connected, so "bytes per idle device" is a number, not a hope.
+//! - **Reuse the hub's protocol code**: SAS tokens from [`crate::auth::sas::sign`], the
+//!   property bag from [`crate::mqtt::bag`], the wire format from `ntex_mqtt::v3::codec`.
+//! - **Azure mode** behaves like an SDK device (device-protocol §2): client id = device id,
+//!   username `{host}/{id}/?api-version=2021-04-12&DeviceClientType=iothubd-simulate`, SAS
+//!   password for `{host}/devices/{id}`, clean session, telemetry on
+//!   `devices/{id}/messages/events/{bag}`, twin PATCH with `$rid` and its 204 answer, method
+//!   requests answered with 200 at QoS 0, C2D received at QoS 1 and completed by the PUBACK.
+//!   **Raw mode** speaks plain MQTT: client id `{prefix}{i}`, topic `sim/{i}/events`, no
+//!   credentials, nothing subscribed — the same telemetry workload for any broker.
+//! - **Devices are provisioned by bulk import** with keys derived from `--seed`, so reruns skip
+//!   provisioning. Without a connection string the hub is found through its operator API
+//!   (`<data-dir>/operator.key`), so `iothubd simulate` works against a local hub as is.
+//! - **Pacing**: connects (including reconnects) share one token bucket (`--connect-rate`);
+//!   telemetry is open-loop per device from a random start, or closed-loop with `--in-flight`.
+//!   Failures reconnect with jittered exponential backoff; `--churn` disconnects random devices
+//!   (a Poisson process at the fleet rate).
+//! - **Limits up front**: the open-file limit is raised to the hard limit and checked against
+//!   the devices; a run that does not fit is refused with the number of `--shard i/N`
+//!   processes it needs. Against a loopback target, more devices than one address' ephemeral
+//!   ports get 127.0.0.x source addresses automatically.
+//! - **Ending** in two steps ([`fleet::Phase`]): after `--duration` or at Ctrl-C devices stop
+//!   sending and the run waits up to [`device::DRAIN`] for every ack still due, connections
+//!   open — so the last latencies are not measured behind the broker closing thousands of
+//!   connections at once; then every device sends DISCONNECT. The report is written either
+//!   way; the command fails when no device connected.
+
+pub mod device;
+pub mod fleet;
+pub mod html;
+pub mod mqtt;
+pub mod payload;
+pub mod progress;
+pub mod provision;
+pub mod report;
+pub mod scenario;
+pub mod stats;
+pub mod system;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+pub use report::Report;
+pub use scenario::{Scenario, ScenarioOptions, SimulateArgs};
+
+use fleet::{Fleet, HubDevices, Pacer, Phase, RunPhase};
+use mqtt::TlsTarget;
+use progress::Progress;
+use scenario::Mode;
+use stats::{Sampler, Stats};
+
+/// How long the run waits for device tasks to disconnect before it abandons them.
+const FINISH_GRACE: Duration = Duration::from_secs(5);
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub(crate) fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The command: runs the scenario on a multi-threaded runtime, prints the summary, writes the
+/// reports; an error when no device connected.
+pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
+    let scenario = Scenario::from_args(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = rt.block_on(run(scenario.clone()))?;
+    // Device tasks abandoned after the grace period must not hold the process.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    println!("{}", report.summary());
+    let (json, html) = report.write(&scenario.report_dir)?;
+    println!("reports: {} and {}", json.display(), html.display());
+    if report.counts.totals.connects == 0 {
+        bail!("no device connected to {} (see the errors above)", report.target);
+    }
+    Ok(())
+}
+
+/// Runs a scenario to its end (duration or Ctrl-C) and returns its report.
+pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
+    let open_files = system::raise_open_file_limit()?;
+    let range = scenario.shard.range(scenario.devices);
+    let shard_devices = range.end - range.start;
+    if shard_devices == 0 {
+        bail!("shard {}/{} of {} devices is empty", scenario.shard.index, scenario.shard.count, scenario.devices);
+    }
+    system::check_fits(shard_devices, scenario.devices, open_files)?;
+    let target = resolve(&scenario.mqtt).await?;
+    let source_addrs = match &scenario.source_addrs {
+        Some(addrs) => addrs.clone(),
+        None => system::auto_source_addrs(target, shard_devices)?,
+    };
+    let progress = Progress::new(scenario.progress, u64::from(shard_devices));
+
+    let (hub, tls) = match scenario.mode {
+        Mode::Raw => (None, None),
+        Mode::Azure => prepare_hub(&scenario, range.clone(), &progress).await?,
+    };
+    let hub_host = hub.as_ref().map(|h| h.host.clone());
+    let every = |rate: f64| (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let fleet = Arc::new(Fleet {
+        mode: scenario.mode,
+        target,
+        tls,
+        source_addrs: source_addrs.clone(),
+        hub,
+        prefix: scenario.device_prefix.clone(),
+        qos: scenario.qos,
+        send_every: every(scenario.rate),
+        in_flight: scenario.in_flight.map(|n| n as usize),
+        twin_every: if scenario.mode == Mode::Azure { every(scenario.twin_rate) } else { None },
+        churn_every: (scenario.churn > 0.0).then(|| f64::from(shard_devices) / scenario.churn),
+        keep_alive: scenario.keep_alive,
+        methods: scenario.methods,
+        c2d: scenario.c2d,
+        payload: scenario.payload.clone(),
+        property_bag: scenario.property_bag.clone(),
+        pacer: Pacer::new(scenario.connect_rate),
+        stats: Stats::new(),
+        phase: RunPhase::default(),
+    });
+
+    let started_at = chrono::Utc::now();
+    let rss_before = system::rss_kib();
+    let started = Instant::now();
+    let mut devices = JoinSet::new();
+    for index in range.clone() {
+        devices.spawn(device::run(fleet.clone(), index));
+    }
+
+    let mut run = RunState::new(started, rss_before, shard_devices);
+    let deadline = started + scenario.duration;
+    let mut tick = tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = &mut ctrl_c => {
+                interrupted = true;
+                break;
+            }
+        }
+        run.sample(&fleet.stats, &progress);
+    }
+    let stopped_at = Instant::now();
+    progress.note(if interrupted { "interrupted: draining in-flight messages" } else { "time is up: draining" });
+    wind_down(&fleet, &mut devices, &mut tick, &mut run, &progress).await;
+    run.sample(&fleet.stats, &progress);
+    progress.finish();
+    Ok(Report::new(report::Inputs {
+        scenario: &scenario,
+        target,
+        hub_host,
+        first_device: range.start,
+        shard_devices,
+        open_files,
+        source_addrs: &source_addrs,
+        started_at,
+        elapsed: started.elapsed(),
+        sending: stopped_at.duration_since(started),
+        interrupted,
+        stats: &fleet.stats,
+        memory: run.memory,
+        all_online_at: run.all_online_at,
+        timeline: run.timeline,
+    }))
+}
+
+/// The hub side of an Azure run: its login, the devices provisioned (unless skipped), the TLS
+/// settings for its MQTT endpoint.
+async fn prepare_hub(
+    scenario: &Scenario,
+    range: std::ops::Range<u32>,
+    progress: &Progress,
+) -> anyhow::Result<(Option<HubDevices>, Option<TlsTarget>)> {
+    // HTTPS is needed to provision, and to find the hub without a connection string.
+    let https = match (scenario.provision, &scenario.connection_string) {
+        (false, Some(_)) => None,
+        _ => Some(provision::https_endpoint(scenario).await?),
+    };
+    let login = match (https, &scenario.connection_string) {
+        (None, Some(cs)) => provision::HubLogin::parse(cs).context("--connection-string")?,
+        (Some(https), _) => provision::hub_login(scenario, https).await?,
+        (None, None) => bail!("a hub run needs --connection-string or the hub's HTTPS endpoint"),
+    };
+    if let (true, Some(https)) = (scenario.provision, https) {
+        let count = range.end - range.start;
+        let bar = progress.provisioning(u64::from(count));
+        provision::provision(scenario, &login, https, range, |n| bar.inc(n)).await?;
+        bar.finish_and_clear();
+        progress.note(&format!("provisioned {count} devices on {}", login.host));
+    }
+    let tls = if scenario.tls { Some(TlsTarget::new(&scenario.ca, &login.host)?) } else { None };
+    let token_expiry = unix_now() + scenario.duration.as_secs() + 3600;
+    Ok((Some(HubDevices { host: login.host, seed: scenario.seed.clone(), token_expiry }), tls))
+}
+
+/// The end of a run (see [`Phase`]): drain — no new messages, wait up to [`device::DRAIN`] for
+/// every answer still due, connections open — then close. A second Ctrl-C skips the wait, a
+/// third abandons the devices; so do devices still running [`FINISH_GRACE`] after closing.
+async fn wind_down(
+    fleet: &Fleet,
+    devices: &mut JoinSet<()>,
+    tick: &mut tokio::time::Interval,
+    run: &mut RunState,
+    progress: &Progress,
+) {
+    fleet.phase.enter(Phase::Draining);
+    let drained = tokio::time::sleep(device::DRAIN);
+    // Checked only after a first pause: a device already past its phase check when the drain
+    // began may still count one last message as awaited.
+    let poll = Duration::from_millis(50);
+    let again = tokio::signal::ctrl_c();
+    tokio::pin!(drained, again);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => if fleet.stats.awaiting() == 0 { break },
+            _ = tick.tick() => run.sample(&fleet.stats, progress),
+            _ = &mut drained => break,
+            _ = &mut again => break,
+        }
+    }
+    fleet.phase.enter(Phase::Closing);
+    let finish = tokio::time::sleep(FINISH_GRACE);
+    let again = tokio::signal::ctrl_c();
+    tokio::pin!(finish, again);
+    loop {
+        tokio::select! {
+            next = devices.join_next() => if next.is_none() { break },
+            _ = tick.tick() => run.sample(&fleet.stats, progress),
+            _ = &mut finish => {
+                devices.abort_all();
+                break;
+            }
+            _ = &mut again => {
+                devices.abort_all();
+                break;
+            }
+        }
+    }
+}
+
+/// `host:port` → the first address it resolves to.
+async fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(text)
+        .await
+        .with_context(|| format!("--mqtt {text}: cannot resolve (host:port expected)"))?
+        .next()
+        .with_context(|| format!("--mqtt {text} resolves to no address"))
+}
+
+/// What the controller learns while the run goes: the timeline and the memory sample.
+struct RunState {
+    sampler: Sampler,
+    timeline: Vec<stats::Sample>,
+    memory: report::Memory,
+    /// Seconds into the run when every device of the shard was first online.
+    all_online_at: Option<f64>,
+    /// The memory sample is final (taken a tick after every device came online).
+    memory_settled: bool,
+    shard_devices: u32,
+}
+
+impl RunState {
+    fn new(started: Instant, rss_before_kib: u64, shard_devices: u32) -> Self {
+        Self {
+            sampler: Sampler::new(started.into_std()),
+            timeline: Vec::new(),
+            memory: report::Memory { rss_before_kib, ..Default::default() },
+            all_online_at: None,
+            memory_settled: false,
+            shard_devices,
+        }
+    }
+
+    /// One tick: a timeline point, the live lines, and the memory per connected device —
+    /// at each new peak of connected devices, then once more a tick after all are online (the
+    /// connect burst's transient allocations freed), where it stays.
+    fn sample(&mut self, stats: &Stats, progress: &Progress) {
+        let (sample, snapshot) = self.sampler.sample(stats);
+        let online = snapshot.online;
+        if !self.memory_settled {
+            if self.all_online_at.is_some() {
+                self.memory.rss_connected_kib = system::rss_kib();
+                self.memory.devices_at_sample = online;
+                self.memory_settled = true;
+            } else if online > self.memory.devices_at_sample {
+                self.memory.rss_connected_kib = system::rss_kib();
+                self.memory.devices_at_sample = online;
+            }
+        }
+        if online == u64::from(self.shard_devices) && self.all_online_at.is_none() {
+            self.all_online_at = Some(sample.t_s);
+        }
+        progress.update(&sample, &snapshot);
+        self.timeline.push(sample);
+    }
+}

@@ -1,0 +1,231 @@
+//! `iothubd simulate` run as a library against a real hub started in-process (plain MQTT port,
+//! provisioning over HTTPS), and in raw mode against a tiny MQTT broker in the test: what the
+//! report counts is what arrived.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{TestHub, start_with_plain_mqtt};
+use iothubd::simulate::scenario::Seconds;
+use iothubd::simulate::{Report, Scenario, ScenarioOptions};
+use reqwest::Method;
+use rumqttc::mqttbytes::v4::{self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A scenario against `hub`'s plain MQTT port, provisioning through its HTTPS endpoint.
+fn hub_scenario(hub: &TestHub, mqtt_port: u16, report_dir: &std::path::Path) -> ScenarioOptions {
+    ScenarioOptions {
+        mqtt: Some(format!("127.0.0.1:{mqtt_port}")),
+        plain: Some(true),
+        connection_string: Some(format!(
+            "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+            hub.host, hub.owner_key
+        )),
+        https: Some(hub.server.info.https.to_string()),
+        ca: Some(hub.dir.path().join("tls").join("ca.pem")),
+        report_dir: Some(report_dir.to_path_buf()),
+        quiet: Some(true),
+        connect_rate: Some(1000.0),
+        ..Default::default()
+    }
+}
+
+/// Every event of the hub's log, read over HTTPS (`GET /events/partitions/{p}`), page by page.
+async fn all_events(hub: &TestHub) -> Vec<Value> {
+    let listing: Value = hub.owner(Method::GET, "/events/partitions").send().await.unwrap().json().await.unwrap();
+    let partitions = listing["partitionCount"].as_u64().expect("partitionCount");
+    let mut events = Vec::new();
+    for p in 0..partitions {
+        let mut next = 0;
+        loop {
+            let r = hub.owner(Method::GET, &format!("/events/partitions/{p}?from=sequence:{next}&max=256")).send();
+            let text = r.await.unwrap().text().await.unwrap();
+            let page: Vec<Value> =
+                text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+            let Some(last) = page.last() else { break };
+            next = last["sequenceNumber"].as_i64().expect("sequenceNumber") + 1;
+            events.extend(page);
+        }
+    }
+    events
+}
+
+fn read_report(dir: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json written");
+    serde_json::from_str(&text).expect("report.json is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_telemetry_lands_in_the_events_log_and_the_report_counts_it() {
+    let mqtt_port = free_port();
+    let hub = start_with_plain_mqtt(mqtt_port);
+    let reports = tempfile::tempdir().expect("temp dir");
+    let options = ScenarioOptions {
+        devices: Some(50),
+        device_prefix: Some("simtest-".into()),
+        rate: Some(2.0),
+        twin_rate: Some(1.0),
+        duration: Some(Seconds(2.5)),
+        properties: Some("$.ct=application/json,scenario=test".into()),
+        ..hub_scenario(&hub, mqtt_port, reports.path())
+    };
+    let scenario = Scenario::resolve(options).expect("valid scenario");
+
+    // While the devices run, the service invokes a direct method on one and sends a C2D
+    // message to another: the simulated devices answer the one and complete the other.
+    let service = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let c2d = hub.owner(Method::POST, "/devices/simtest-3/messages/deviceBound").body("{\"on\":true}").send();
+        assert_eq!(c2d.await.unwrap().status(), 204, "C2D message queued");
+        let body = json!({ "methodName": "reboot", "responseTimeoutInSeconds": 10, "payload": {} });
+        let r = hub.owner(Method::POST, "/twins/simtest-7/methods").json(&body).send().await.unwrap();
+        (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let (report, (method_status, method_reply)) = tokio::join!(iothubd::simulate::run(scenario), service);
+    let report: Report = report.expect("the run completes");
+    report.write(reports.path()).expect("reports written");
+
+    assert_eq!(method_status, 200, "{method_reply}");
+    assert_eq!(method_reply["status"], 200);
+    assert_eq!(method_reply["payload"]["device"], "simtest-7");
+    assert_eq!(report.counts.totals.c2d_received, 1);
+    let purge: Value =
+        hub.owner(Method::DELETE, "/devices/simtest-3/commands").send().await.unwrap().json().await.unwrap();
+    assert_eq!(purge["totalMessagesPurged"], 0, "the PUBACK completed the C2D message");
+
+    let counts = &report.counts.totals;
+    assert_eq!(counts.connects, 50, "every device connected once: {:?}", report.error_samples);
+    assert_eq!(counts.errors, 0, "{:?}", report.error_samples);
+    assert!(counts.telemetry_sent >= 50, "each device sent at least once: {}", counts.telemetry_sent);
+    assert_eq!(counts.telemetry_acked, counts.telemetry_sent, "the drain waited for every PUBACK");
+    assert!(counts.twin_sent > 0 && counts.twin_acked == counts.twin_sent);
+    assert_eq!(counts.methods_answered, 1);
+    assert_eq!(report.latency.ack.as_ref().map(|a| a.count), Some(counts.telemetry_acked));
+
+    let events = all_events(&hub).await;
+    let telemetry: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["annotations"]["iothub-message-source"] == "Telemetry")
+        .filter(|e| e["annotations"]["iothub-connection-device-id"].as_str().is_some_and(|d| d.starts_with("simtest-")))
+        .collect();
+    assert_eq!(telemetry.len() as u64, counts.telemetry_acked, "acknowledged means in the log");
+    let devices: BTreeSet<&str> =
+        telemetry.iter().filter_map(|e| e["annotations"]["iothub-connection-device-id"].as_str()).collect();
+    assert_eq!(devices.len(), 50);
+    let first = telemetry[0];
+    assert_eq!(first["applicationProperties"]["scenario"], "test");
+    assert_eq!(first["properties"]["contentType"], "application/json");
+    let body: Value = serde_json::from_str(first["body"].as_str().expect("a UTF-8 body")).expect("a JSON body");
+    assert_eq!(body["device"], first["annotations"]["iothub-connection-device-id"]);
+    assert_eq!(first["body"].as_str().map(str::len), Some(256));
+
+    let json = read_report(reports.path());
+    assert_eq!(json["counts"]["telemetry_acked"], counts.telemetry_acked);
+    assert_eq!(json["counts"]["connects"], 50);
+    assert_eq!(json["scenario"]["mode"], "azure");
+    assert!(json["timeline"].as_array().is_some_and(|t| !t.is_empty()));
+    let html = std::fs::read_to_string(reports.path().join("report.html")).expect("report.html written");
+    assert!(html.contains("<svg") && !html.contains("<script"), "self-contained plots");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_unknown_to_the_hub_are_refused_and_the_report_says_so() {
+    let mqtt_port = free_port();
+    let hub = start_with_plain_mqtt(mqtt_port);
+    let reports = tempfile::tempdir().expect("temp dir");
+    let options = ScenarioOptions {
+        devices: Some(5),
+        device_prefix: Some("never-provisioned-".into()),
+        skip_provision: Some(true),
+        duration: Some(Seconds(1.5)),
+        ..hub_scenario(&hub, mqtt_port, reports.path())
+    };
+    let report = iothubd::simulate::run(Scenario::resolve(options).expect("valid")).await.expect("the run completes");
+    assert_eq!(report.counts.totals.connects, 0);
+    assert!(report.connack_refused.get("5").is_some_and(|n| *n >= 5), "{:?}", report.connack_refused);
+    assert_eq!(report.errors.get("connack_refused"), report.connack_refused.get("5"));
+}
+
+/// What the test broker saw: PUBLISHes per topic.
+type Received = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// A minimal MQTT 3.1.1 broker for raw mode: CONNACK every CONNECT, PUBACK every QoS 1
+/// PUBLISH (counting it by topic), answer PINGREQ, close on DISCONNECT.
+async fn tiny_broker() -> (SocketAddr, Received) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received = Received::default();
+    let seen = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::with_capacity(4096);
+                let mut out = BytesMut::new();
+                loop {
+                    match v4::read(&mut buf, 1 << 20) {
+                        Ok(Packet::Connect(_)) => {
+                            ConnAck::new(ConnectReturnCode::Success, false).write(&mut out).expect("CONNACK");
+                        }
+                        Ok(Packet::Publish(p)) => {
+                            *seen.lock().unwrap().entry(p.topic.clone()).or_default() += 1;
+                            if p.pkid != 0 {
+                                PubAck::new(p.pkid).write(&mut out).expect("PUBACK");
+                            }
+                        }
+                        Ok(Packet::PingReq) => {
+                            PingResp.write(&mut out).expect("PINGRESP");
+                        }
+                        Ok(Packet::Disconnect) => return,
+                        Ok(_) => {}
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                            if !out.is_empty() && socket.write_all(&out.split()).await.is_err() {
+                                return;
+                            }
+                            if socket.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_mode_publishes_plain_mqtt_to_any_broker() {
+    let (broker, received) = tiny_broker().await;
+    let reports = tempfile::tempdir().expect("temp dir");
+    let options = ScenarioOptions {
+        raw: Some(true),
+        mqtt: Some(broker.to_string()),
+        devices: Some(20),
+        rate: Some(4.0),
+        duration: Some(Seconds(1.5)),
+        report_dir: Some(reports.path().to_path_buf()),
+        quiet: Some(true),
+        ..Default::default()
+    };
+    let report = iothubd::simulate::run(Scenario::resolve(options).expect("valid")).await.expect("the run completes");
+    assert_eq!(report.counts.totals.connects, 20);
+    assert_eq!(report.counts.totals.errors, 0, "{:?}", report.error_samples);
+    assert_eq!(report.counts.totals.telemetry_acked, report.counts.totals.telemetry_sent);
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.values().sum::<u64>(), report.counts.totals.telemetry_sent);
+    assert_eq!(received.len(), 20, "one topic per device: {:?}", received.keys());
+    assert!(received.keys().all(|t| t.starts_with("sim/") && t.ends_with("/events")));
+    assert_eq!(report.scenario["mode"], "raw");
+}
