@@ -40,11 +40,7 @@ fn twin(c: &mut Criterion) {
 
     let report = object(json!({ "sensor3": { "value": 42 }, "firmware": "1.2.3", "sensor19": null }));
     c.bench_function("twin_report_merge", |b| {
-        b.iter_batched(
-            || base.clone(),
-            |mut t| t.report(black_box(report.clone()), Utc::now()),
-            BatchSize::SmallInput,
-        )
+        b.iter_batched(|| base.clone(), |mut t| t.report(black_box(report.clone()), Utc::now()), BatchSize::SmallInput)
     });
     let patch = object(json!({ "setpoint": 22.0, "schedule": { "off": "23:00" } }));
     c.bench_function("twin_desired_patch", |b| {
