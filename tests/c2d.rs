@@ -370,3 +370,28 @@ async fn an_unacknowledged_delivery_comes_again_with_dup_after_reconnect() {
     .expect("feedback in time");
     assert_eq!(statuses(&records), vec![("again", "Success")]);
 }
+
+#[tokio::test]
+async fn a_qos0_subscription_gets_at_most_once_delivery_settled_on_send() {
+    let hub = start();
+    let key = device_key(&hub, "m3").await;
+    let (client, mut el) = connect(&hub, "m3", &key, true, true).await;
+    client.subscribe("devices/m3/messages/devicebound/#", QoS::AtMostOnce).await.unwrap();
+    send(&hub, "m3", "once").header("iothub-messageid", "once").header("iothub-ack", "positive").send().await.unwrap();
+    let got = deliveries(&mut el, 1).await.remove(0);
+    assert_eq!(got.qos, QoS::AtMostOnce);
+    assert_eq!(got.payload, "once");
+    // No PUBACK exists at QoS 0: the hub completed it when it sent it.
+    let feedback = tokio::time::timeout(WAIT, async {
+        loop {
+            let records = take_feedback(&hub).await;
+            if !records.is_empty() {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("feedback in time");
+    assert_eq!(statuses(&feedback), vec![("once", "Success")]);
+}

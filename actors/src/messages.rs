@@ -288,6 +288,8 @@ pub struct SessionSubscriptions {
     pub desired: bool,
     /// `devices/{d}/messages/devicebound/#`.
     pub c2d: bool,
+    /// That subscription was granted at QoS 0: deliveries are settled when sent.
+    pub c2d_at_most_once: bool,
 }
 
 // ---- cloud-to-device: service senders and device receivers ↔ DeviceActor ----------------------
@@ -369,4 +371,6 @@ pub struct C2dDelivery {
     pub message: crate::model::c2d::C2dMessage,
     pub lock_token: String,
     pub redelivery: bool,
+    /// The device subscribed at QoS 0: publish at most once and settle on send.
+    pub at_most_once: bool,
 }

@@ -211,7 +211,7 @@ pub async fn handshake(
                         let _ = sink.publish(topic).send_at_most_once(patch.body.into());
                     }
                     Some(SessionCommand::C2d(delivery)) => {
-                        deliver_c2d(&sink, &task_actor, *delivery, task_flags.c2d_at_most_once.get());
+                        deliver_c2d(&sink, &task_actor, *delivery);
                     }
                     // The actor let go of this session; only the token can still end it.
                     None => break,
@@ -238,13 +238,8 @@ pub async fn handshake(
 /// (device-protocol §2.8): at QoS 1 its PUBACK completes it; at QoS 0 (the device subscribed
 /// so) it completes when sent. Without a PUBACK (the connection dropped) the actor makes it
 /// Enqueued again when the session detaches.
-fn deliver_c2d(
-    sink: &v3::MqttSink,
-    actor: &actix::Addr<iothubd_actors::device::DeviceActor>,
-    delivery: C2dDelivery,
-    at_most_once: bool,
-) {
-    let C2dDelivery { key, message, lock_token, redelivery } = delivery;
+fn deliver_c2d(sink: &v3::MqttSink, actor: &actix::Addr<iothubd_actors::device::DeviceActor>, delivery: C2dDelivery) {
+    let C2dDelivery { key, message, lock_token, redelivery, at_most_once } = delivery;
     let to = match &key.module_id {
         Some(module) => format!("/devices/{}/modules/{module}/messages/deviceBound", key.device_id),
         None => format!("/devices/{}/messages/deviceBound", key.device_id),

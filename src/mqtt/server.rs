@@ -199,6 +199,7 @@ fn report_subscriptions(state: &MqttSession, subscriptions: &[Subscription]) {
         methods: subscriptions.contains(&Subscription::MethodRequests),
         desired: subscriptions.contains(&Subscription::DesiredPatches),
         c2d: subscriptions.contains(&Subscription::C2d),
+        c2d_at_most_once: state.flags.c2d_at_most_once.get(),
     });
 }
 

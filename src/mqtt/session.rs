@@ -27,8 +27,7 @@ pub const MAX_SUBSCRIPTIONS: usize = 5;
 pub struct SharedFlags {
     /// Why the connection ends, set by whoever ends it.
     pub reason: Cell<DisconnectReason>,
-    /// The device subscribed to cloud-to-device messages at QoS 0: deliveries are settled
-    /// when sent (at most once) instead of by their PUBACK.
+    /// The C2D subscription of this connection was granted at QoS 0.
     pub c2d_at_most_once: Cell<bool>,
 }
 

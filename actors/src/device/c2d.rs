@@ -309,6 +309,7 @@ impl DeviceActor {
         };
         let connection_id = session.connection_id;
         let now = Utc::now();
+        let at_most_once = self.c2d_at_most_once;
         let mut held = queue.entries.iter().filter(|e| e.session == Some(connection_id)).count();
         // MQTT locks last until PUBACK or disconnect; the time only matters to HTTPS receivers.
         let until = now + chrono::Duration::days(3650);
@@ -325,6 +326,7 @@ impl DeviceActor {
                 message: entry.message.clone(),
                 lock_token,
                 redelivery: entry.delivered,
+                at_most_once,
             };
             if session.outbound.try_send(SessionCommand::C2d(Box::new(delivery))).is_err() {
                 // The session's command queue is full: its next PUBACK pumps again, or — with

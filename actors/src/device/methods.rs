@@ -137,6 +137,7 @@ impl Handler<SessionSubscriptions> for DeviceActor {
             self.methods_subscribed = msg.methods;
             self.desired_subscribed = msg.desired;
             self.c2d_subscribed = msg.c2d;
+            self.c2d_at_most_once = msg.c2d_at_most_once;
             self.release_waiting(ctx);
             self.start_c2d(ctx);
         }

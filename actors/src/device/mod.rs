@@ -49,6 +49,8 @@ pub struct DeviceActor {
     methods_subscribed: bool,
     desired_subscribed: bool,
     c2d_subscribed: bool,
+    /// The C2D subscription's granted QoS is 0 (kept with a persistent session, like the filter).
+    c2d_at_most_once: bool,
     /// The cloud-to-device queue; `None` until first used (boxed: idle actors stay small).
     c2d: Option<Box<c2d::Queue>>,
     /// Fires at the queue's earliest expiry.
@@ -73,6 +75,7 @@ impl DeviceActor {
             methods_subscribed: false,
             desired_subscribed: false,
             c2d_subscribed: false,
+            c2d_at_most_once: false,
             c2d: None,
             c2d_expiry: None,
             session: None,
