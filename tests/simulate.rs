@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{TestHub, start_with_plain_mqtt};
+use common::{TestHub, start, start_with_plain_mqtt};
 use iothubd::simulate::scenario::Seconds;
 use iothubd::simulate::{Report, Scenario, ScenarioOptions};
 use reqwest::Method;
@@ -136,6 +136,74 @@ async fn simulated_devices_telemetry_lands_in_the_events_log_and_the_report_coun
     assert!(json["timeline"].as_array().is_some_and(|t| !t.is_empty()));
     let html = std::fs::read_to_string(reports.path().join("report.html")).expect("report.html written");
     assert!(html.contains("<svg") && !html.contains("<script"), "self-contained plots");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_devices_post_telemetry_and_poll_c2d() {
+    let hub = start();
+    let reports = tempfile::tempdir().expect("temp dir");
+    let options = ScenarioOptions {
+        transport: Some("https".into()),
+        mqtt: None,
+        plain: None,
+        devices: Some(20),
+        device_prefix: Some("httpsim-".into()),
+        rate: Some(2.0),
+        duration: Some(Seconds(2.5)),
+        properties: Some("$.ct=application/json,scenario=https".into()),
+        ..hub_scenario(&hub, 0, reports.path())
+    };
+    let scenario = Scenario::resolve(options).expect("valid scenario");
+
+    // Once the device exists (provisioned by the run), the service sends it a C2D message;
+    // the device's poll receives and completes it.
+    let service = async {
+        for _ in 0..100 {
+            let c2d = hub.owner(Method::POST, "/devices/httpsim-3/messages/deviceBound").body("{\"on\":true}").send();
+            if c2d.await.unwrap().status() == 204 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    let (report, sent) = tokio::join!(iothubd::simulate::run(scenario), service);
+    let report: Report = report.expect("the run completes");
+    report.write(reports.path()).expect("reports written");
+    assert!(sent, "the C2D message was queued");
+
+    let counts = &report.counts.totals;
+    assert_eq!(counts.errors, 0, "{:?}", report.error_samples);
+    assert_eq!(counts.connects, 20, "every device was answered");
+    assert!(counts.telemetry_sent >= 20, "each device sent at least once: {}", counts.telemetry_sent);
+    assert_eq!(counts.telemetry_acked, counts.telemetry_sent, "the drain waited for every 204");
+    assert_eq!(report.latency.ack.as_ref().map(|a| a.count), Some(counts.telemetry_acked));
+    assert_eq!(counts.c2d_received, 1);
+    let purge: Value =
+        hub.owner(Method::DELETE, "/devices/httpsim-3/commands").send().await.unwrap().json().await.unwrap();
+    assert_eq!(purge["totalMessagesPurged"], 0, "the DELETE completed the C2D message");
+
+    let events = all_events(&hub).await;
+    let telemetry: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["annotations"]["iothub-message-source"] == "Telemetry")
+        .filter(|e| e["annotations"]["iothub-connection-device-id"].as_str().is_some_and(|d| d.starts_with("httpsim-")))
+        .collect();
+    assert_eq!(telemetry.len() as u64, counts.telemetry_acked, "acknowledged means in the log");
+    let devices: BTreeSet<&str> =
+        telemetry.iter().filter_map(|e| e["annotations"]["iothub-connection-device-id"].as_str()).collect();
+    assert_eq!(devices.len(), 20);
+    let first = telemetry[0];
+    assert_eq!(first["applicationProperties"]["scenario"], "https");
+    assert_eq!(first["properties"]["contentType"], "application/json");
+    let device = first["annotations"]["iothub-connection-device-id"].as_str().unwrap_or("");
+    assert!(first["properties"]["messageId"].as_str().is_some_and(|m| m.starts_with(&format!("{device}-"))));
+    assert_eq!(first["body"].as_str().map(str::len), Some(256));
+
+    let json = read_report(reports.path());
+    assert_eq!(json["scenario"]["transport"], "https");
+    assert_eq!(json["counts"]["telemetry_acked"], counts.telemetry_acked);
+    assert_eq!(json["target"], hub.server.info.https.to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,7 +97,7 @@ pub async fn run(fleet: Arc<Fleet>, index: u32) {
 }
 
 /// Runs `work` unless the run leaves [`Phase::Running`] first (then `None`).
-async fn while_running<T>(fleet: &Fleet, index: u32, work: impl Future<Output = T>) -> Option<T> {
+pub(super) async fn while_running<T>(fleet: &Fleet, index: u32, work: impl Future<Output = T>) -> Option<T> {
     let stop = fleet.phase.changed(index);
     if fleet.phase.get() != Phase::Running {
         return None;
@@ -579,6 +579,7 @@ mod tests {
             tls: None,
             source_addrs: Vec::new(),
             hub: None,
+            https: None,
             prefix: "sim-".into(),
             qos: QoS::AtLeastOnce,
             send_every: Some(Duration::from_secs(1)),

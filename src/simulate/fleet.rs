@@ -11,6 +11,7 @@ use ntex_mqtt::v3::codec::QoS;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::https::HttpsDevices;
 use super::mqtt::TlsTarget;
 use super::payload::PayloadTemplate;
 use super::scenario::Mode;
@@ -53,6 +54,8 @@ pub struct Fleet {
     pub source_addrs: Vec<IpAddr>,
     /// `Some` in Azure mode.
     pub hub: Option<HubDevices>,
+    /// `Some` with `--transport https`: devices run [`super::https::run`], not MQTT.
+    pub https: Option<HttpsDevices>,
     pub prefix: String,
     pub qos: QoS,
     /// Telemetry interval per device; `None` = no telemetry.

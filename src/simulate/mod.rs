@@ -4,6 +4,8 @@
 //! - [`scenario`]: the settings (flags and a TOML file, flags winning) and their defaults.
 //! - [`provision`]: the hub's credentials, derived device keys, bulk import of the devices.
 //! - [`device`]: one task per device — connect, subscribe, telemetry, twin, methods, C2D, churn.
+//! - [`https`]: the same device over the HTTPS device API (`--transport https`): telemetry
+//!   POSTs and C2D polling through one shared HTTP/1.1 client.
 //! - [`fleet`]: what the device tasks share: settings, connect pacing, stats, the run's phase.
 //! - [`mqtt`]: the minimal MQTT 3.1.1 client under it (ntex-mqtt's codec, plain or TLS).
 //! - [`payload`]: telemetry bodies and the property bag.
@@ -46,6 +48,7 @@
 pub mod device;
 pub mod fleet;
 pub mod html;
+pub mod https;
 pub mod mqtt;
 pub mod payload;
 pub mod progress;
@@ -69,7 +72,7 @@ pub use scenario::{Scenario, ScenarioOptions, SimulateArgs};
 use fleet::{Fleet, HubDevices, Pacer, Phase, RunPhase};
 use mqtt::TlsTarget;
 use progress::Progress;
-use scenario::Mode;
+use scenario::{DeviceTransport, Mode};
 use stats::{Sampler, Stats};
 
 /// How long the run waits for device tasks to disconnect before it abandons them.
@@ -109,18 +112,29 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         bail!("shard {}/{} of {} devices is empty", scenario.shard.index, scenario.shard.count, scenario.devices);
     }
     system::check_fits(shard_devices, scenario.devices, open_files)?;
-    let target = resolve(&scenario.mqtt).await?;
-    let source_addrs = match &scenario.source_addrs {
-        Some(addrs) => addrs.clone(),
-        None => system::auto_source_addrs(target, shard_devices)?,
-    };
+    let over_https = scenario.transport == DeviceTransport::Https;
     let progress = Progress::new(scenario.progress, u64::from(shard_devices));
-
-    let (hub, tls) = match scenario.mode {
-        Mode::Raw => (None, None),
+    let (hub, tls, https_addr) = match scenario.mode {
+        Mode::Raw => (None, None, None),
         Mode::Azure => prepare_hub(&scenario, range.clone(), &progress).await?,
     };
     let hub_host = hub.as_ref().map(|h| h.host.clone());
+    // HTTPS devices share the client's pooled connections: no per-device source addresses.
+    let (target, https, source_addrs) = match (over_https, https_addr, &hub) {
+        (true, Some(addr), Some(h)) => {
+            let devices = https::HttpsDevices::new(&scenario.ca, &h.host, addr, &scenario.property_bag)?;
+            (addr, Some(devices), Vec::new())
+        }
+        (true, ..) => bail!("--transport https needs the hub's HTTPS endpoint (--https)"),
+        (false, ..) => {
+            let target = resolve(&scenario.mqtt).await?;
+            let source_addrs = match &scenario.source_addrs {
+                Some(addrs) => addrs.clone(),
+                None => system::auto_source_addrs(target, shard_devices)?,
+            };
+            (target, None, source_addrs)
+        }
+    };
     let every = |rate: f64| (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let fleet = Arc::new(Fleet {
         mode: scenario.mode,
@@ -128,6 +142,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         tls,
         source_addrs: source_addrs.clone(),
         hub,
+        https,
         prefix: scenario.device_prefix.clone(),
         qos: scenario.qos,
         send_every: every(scenario.rate),
@@ -149,7 +164,11 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut devices = JoinSet::new();
     for index in range.clone() {
-        devices.spawn(device::run(fleet.clone(), index));
+        if over_https {
+            devices.spawn(https::run(fleet.clone(), index));
+        } else {
+            devices.spawn(device::run(fleet.clone(), index));
+        }
     }
 
     let mut run = RunState::new(started, rss_before, shard_devices);
@@ -194,15 +213,17 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
 }
 
 /// The hub side of an Azure run: its login, the devices provisioned (unless skipped), the TLS
-/// settings for its MQTT endpoint.
+/// settings for its MQTT endpoint, its HTTPS endpoint (when one was needed).
 async fn prepare_hub(
     scenario: &Scenario,
     range: std::ops::Range<u32>,
     progress: &Progress,
-) -> anyhow::Result<(Option<HubDevices>, Option<TlsTarget>)> {
-    // HTTPS is needed to provision, and to find the hub without a connection string.
+) -> anyhow::Result<(Option<HubDevices>, Option<TlsTarget>, Option<SocketAddr>)> {
+    // HTTPS is needed to provision, to find the hub without a connection string, and for
+    // HTTPS devices.
+    let over_https = scenario.transport == DeviceTransport::Https;
     let https = match (scenario.provision, &scenario.connection_string) {
-        (false, Some(_)) => None,
+        (false, Some(_)) if !over_https => None,
         _ => Some(provision::https_endpoint(scenario).await?),
     };
     let login = match (https, &scenario.connection_string) {
@@ -217,9 +238,9 @@ async fn prepare_hub(
         bar.finish_and_clear();
         progress.note(&format!("provisioned {count} devices on {}", login.host));
     }
-    let tls = if scenario.tls { Some(TlsTarget::new(&scenario.ca, &login.host)?) } else { None };
+    let tls = if scenario.tls && !over_https { Some(TlsTarget::new(&scenario.ca, &login.host)?) } else { None };
     let token_expiry = unix_now() + scenario.duration.as_secs() + 3600;
-    Ok((Some(HubDevices { host: login.host, seed: scenario.seed.clone(), token_expiry }), tls))
+    Ok((Some(HubDevices { host: login.host, seed: scenario.seed.clone(), token_expiry }), tls, https))
 }
 
 /// The end of a run (see [`Phase`]): drain — no new messages, wait up to [`device::DRAIN`] for

@@ -186,7 +186,11 @@ impl Report {
             "iothubd simulate: {} devices ({}{}) against {}{} for {:.1}s{}",
             self.shard.devices,
             self.scenario["mode"].as_str().unwrap_or(""),
-            if self.scenario["tls"] == true { ", TLS" } else { "" },
+            match self.scenario["transport"].as_str() {
+                Some("https") => ", HTTPS",
+                _ if self.scenario["tls"] == true => ", MQTT over TLS",
+                _ => ", MQTT",
+            },
             self.target,
             self.hub_host.as_deref().map(|h| format!(" ({h})")).unwrap_or_default(),
             self.sending_s,

@@ -93,6 +93,11 @@ pub struct ScenarioOptions {
     /// --twin-rate > 0.
     #[arg(long)]
     pub subscribe: Option<String>,
+    /// How devices talk to the hub: `mqtt`, or `https` (telemetry by `POST …/messages/events`,
+    /// C2D by polling `GET …/messages/deviceBound` at most once a second; no twin, methods or
+    /// churn) to the --https endpoint [default: mqtt].
+    #[arg(long)]
+    pub transport: Option<String>,
     /// MQTT endpoint host:port [default: 127.0.0.1:8883 (TLS); with --raw 127.0.0.1:1883].
     #[arg(long)]
     pub mqtt: Option<String>,
@@ -199,6 +204,23 @@ pub enum Mode {
     Raw,
 }
 
+/// The device protocol of an Azure run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceTransport {
+    Mqtt,
+    /// The HTTPS device API (device-protocol §3): one shared HTTP/1.1 client for the fleet.
+    Https,
+}
+
+impl DeviceTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceTransport::Mqtt => "mqtt",
+            DeviceTransport::Https => "https",
+        }
+    }
+}
+
 /// This process' part of the fleet: shard `index` (1-based) of `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -246,6 +268,7 @@ pub struct Scenario {
     pub methods: bool,
     pub c2d: bool,
     pub mode: Mode,
+    pub transport: DeviceTransport,
     pub mqtt: String,
     pub tls: bool,
     /// `None`: choose automatically.
@@ -323,8 +346,36 @@ impl Scenario {
             bail!("telemetry bodies are at most {MAX_PAYLOAD} bytes (IoT Hub's D2C limit)");
         }
         let properties = parse_properties(o.properties.as_deref().unwrap_or(""))?;
-        let (methods, c2d) = parse_subscribe(o.subscribe.as_deref().unwrap_or("methods,c2d"))?;
         let mode = if o.raw.unwrap_or(false) { Mode::Raw } else { Mode::Azure };
+        let transport = match o.transport.as_deref().map(str::trim) {
+            None | Some("mqtt") => DeviceTransport::Mqtt,
+            Some("https") => DeviceTransport::Https,
+            Some(other) => bail!("--transport must be mqtt or https, not '{other}'"),
+        };
+        let https_transport = transport == DeviceTransport::Https;
+        // Over HTTPS a device can only poll for C2D: that is its default subscription.
+        let subscribe_default = if https_transport { "c2d" } else { "methods,c2d" };
+        let (methods, c2d) = parse_subscribe(o.subscribe.as_deref().unwrap_or(subscribe_default))?;
+        if https_transport {
+            let refuse = |what: &str| -> anyhow::Result<()> {
+                bail!("{what} does not apply to --transport https (the HTTPS device API has no twin, methods or churn)")
+            };
+            if mode == Mode::Raw {
+                bail!("--raw is plain MQTT: it does not go with --transport https");
+            }
+            if o.twin_rate.is_some_and(|r| r > 0.0) {
+                refuse("--twin-rate")?;
+            }
+            if methods {
+                refuse("--subscribe methods")?;
+            }
+            if o.churn.is_some_and(|c| c > 0.0) {
+                refuse("--churn")?;
+            }
+            if qos == QoS::AtMostOnce {
+                bail!("--qos 0 does not apply to --transport https: every HTTPS message is acknowledged (204)");
+            }
+        }
         let plain = o.plain.unwrap_or(false) || mode == Mode::Raw;
         let mqtt = match (o.mqtt, mode, plain) {
             (Some(m), ..) => m,
@@ -356,6 +407,7 @@ impl Scenario {
             methods,
             c2d,
             mode,
+            transport,
             mqtt,
             tls: !plain,
             source_addrs: o.source_addrs.as_deref().map(parse_source_addrs).transpose()?,
@@ -375,6 +427,8 @@ impl Scenario {
     pub fn describe(&self) -> Value {
         json!({
             "mode": match self.mode { Mode::Azure => "azure", Mode::Raw => "raw" },
+            "transport": self.transport.name(),
+            "https": self.https,
             "mqtt": self.mqtt,
             "tls": self.tls,
             "devices": self.devices,
@@ -472,5 +526,11 @@ mod tests {
         assert!(bad(ScenarioOptions { plain: Some(true), ..Default::default() }).contains("--mqtt"));
         let saturating_qos0 = ScenarioOptions { in_flight: Some(4), qos: Some(0), ..Default::default() };
         assert!(bad(saturating_qos0).contains("--in-flight"));
+        let https = || ScenarioOptions { transport: Some("https".into()), ..Default::default() };
+        assert!(bad(ScenarioOptions { twin_rate: Some(1.0), ..https() }).contains("--twin-rate"));
+        assert!(bad(ScenarioOptions { subscribe: Some("methods".into()), ..https() }).contains("--subscribe methods"));
+        assert!(bad(ScenarioOptions { transport: Some("amqp".into()), ..Default::default() }).contains("--transport"));
+        let s = Scenario::resolve(https()).expect("https alone is valid");
+        assert_eq!((s.transport, s.methods, s.c2d), (DeviceTransport::Https, false, true));
     }
 }

@@ -43,10 +43,12 @@ pub enum ErrorKind {
     TwinRejected,
     /// A PUBACK for a packet id that was not in flight.
     UnexpectedAck,
+    /// An HTTPS device request answered with an unexpected status (`--transport https`).
+    HttpStatus,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::TcpConnect,
         ErrorKind::Tls,
         ErrorKind::ConnackRefused,
@@ -57,6 +59,7 @@ impl ErrorKind {
         ErrorKind::SubscribeRefused,
         ErrorKind::TwinRejected,
         ErrorKind::UnexpectedAck,
+        ErrorKind::HttpStatus,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +74,7 @@ impl ErrorKind {
             ErrorKind::SubscribeRefused => "subscribe_refused",
             ErrorKind::TwinRejected => "twin_rejected",
             ErrorKind::UnexpectedAck => "unexpected_ack",
+            ErrorKind::HttpStatus => "http_status",
         }
     }
 }
@@ -182,6 +186,14 @@ impl Stats {
         let now = self.online.fetch_add(1, Relaxed) + 1;
         self.peak_online.fetch_max(u64::try_from(now).unwrap_or(0), Relaxed);
         self.with_latencies(|l| l.connect.saturating_record(micros(took)));
+    }
+
+    /// An HTTPS device got its first answer: counted as connected, with no connect latency
+    /// (its requests share the fleet's pooled connections).
+    pub fn went_online(&self) {
+        self.counters.connects.fetch_add(1, Relaxed);
+        let now = self.online.fetch_add(1, Relaxed) + 1;
+        self.peak_online.fetch_max(u64::try_from(now).unwrap_or(0), Relaxed);
     }
 
     /// A connected device's connection ended (for whatever reason).
