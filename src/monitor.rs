@@ -11,7 +11,7 @@ use iothubd_actors::model::event::partition_of;
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
-use crate::auth::sas;
+use crate::auth::ServiceConnectionString;
 
 /// Any api-version the hub accepts (service-api §0).
 const API_VERSION: &str = "2021-04-12";
@@ -52,41 +52,6 @@ enum StartFrom {
     End,
 }
 
-/// The parts of `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` the monitor needs.
-#[derive(Debug, PartialEq, Eq)]
-struct ServiceConnectionString {
-    host_name: String,
-    key_name: String,
-    key: String,
-}
-
-impl ServiceConnectionString {
-    fn parse(text: &str) -> anyhow::Result<Self> {
-        let mut host_name = None;
-        let mut key_name = None;
-        let mut key = None;
-        for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            // Keys end in base64 padding, so only the first `=` separates name from value.
-            let (name, value) = part.split_once('=').with_context(|| format!("'{part}' is not Name=value"))?;
-            let slot = match name.trim().to_ascii_lowercase().as_str() {
-                "hostname" => &mut host_name,
-                "sharedaccesskeyname" => &mut key_name,
-                "sharedaccesskey" => &mut key,
-                _ => continue,
-            };
-            *slot = Some(value.trim().to_owned());
-        }
-        let need = |v: Option<String>, what: &str| {
-            v.filter(|v| !v.is_empty()).with_context(|| format!("the connection string has no {what}"))
-        };
-        Ok(Self {
-            host_name: need(host_name, "HostName")?,
-            key_name: need(key_name, "SharedAccessKeyName")?,
-            key: need(key, "SharedAccessKey")?,
-        })
-    }
-}
-
 /// Runs the command on its own runtime; returns when the timeout passes or on Ctrl-C.
 pub fn main(args: MonitorArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -113,9 +78,7 @@ async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     }
     let client = client.build()?;
     let base = format!("https://{host}:{port}");
-    let expiry = crate::http::service::unix_now() + TOKEN_LIFETIME_SECS;
-    let token = sas::sign(host, &login.key, expiry, Some(&login.key_name))
-        .map_err(|_| anyhow::anyhow!("the connection string's SharedAccessKey is not base64"))?;
+    let token = login.token(TOKEN_LIFETIME_SECS)?;
 
     let from = match args.from {
         StartFrom::Start => "start",
@@ -250,17 +213,6 @@ fn amqp_property_name(camel: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_string_parts_in_any_order_and_case() {
-        let cs = ServiceConnectionString::parse("sharedaccesskey=abc=;HostName=h.example;SharedAccessKeyName=service")
-            .expect("valid");
-        assert_eq!(
-            cs,
-            ServiceConnectionString { host_name: "h.example".into(), key_name: "service".into(), key: "abc=".into() }
-        );
-        assert!(ServiceConnectionString::parse("HostName=h;SharedAccessKey=k").is_err());
-    }
 
     #[test]
     fn event_in_az_shape() {

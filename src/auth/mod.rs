@@ -13,11 +13,13 @@
 //! Every failure is one [`AuthError`]; HTTP maps them all to 401 `IotHubUnauthorizedAccess`
 //! (service-api §2), MQTT to a CONNACK code ([`AuthError::connack_code`], device-protocol §2.2).
 
+pub mod connection_string;
 pub mod sas;
 
 use iothubd_actors::model::hub::{AccessRights, AuthorizationPolicy, HubDescription};
 use iothubd_actors::model::identity::{AuthenticationType, Identity, IdentityKey};
 
+pub use connection_string::ServiceConnectionString;
 pub use sas::{InvalidKey, SasToken, sign};
 
 pub mod x509;

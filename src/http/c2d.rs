@@ -32,7 +32,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, SecondsFormat, Utc};
 use iothubd_actors::feedback::{self, FeedbackError};
 use iothubd_actors::messages::{C2dOutcome, OutgoingC2d, PurgeC2d, ReceiveC2d, SendC2d, SettleC2d};
-use iothubd_actors::model::c2d::{C2dMessage, FeedbackMode, FeedbackStatus};
+use iothubd_actors::model::c2d::{C2dMessage, FeedbackMode};
 use iothubd_actors::model::hub::AccessRights;
 use iothubd_actors::model::identity::IdentityKey;
 use serde_json::json;
@@ -261,16 +261,6 @@ async fn abandon(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRes
     settle(&req, &state, C2dOutcome::Abandon).await
 }
 
-fn status_text(status: FeedbackStatus) -> &'static str {
-    match status {
-        FeedbackStatus::Success => "Success",
-        FeedbackStatus::Expired => "Expired",
-        FeedbackStatus::DeliveryCountExceeded => "DeliveryCountExceeded",
-        FeedbackStatus::Rejected => "Rejected",
-        FeedbackStatus::Purged => "Purged",
-    }
-}
-
 async fn receive_feedback(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     check_bound(&req, "serviceBound")?;
     let call = ServiceCall::authorize(&req, &state, AccessRights::SERVICE_CONNECT)?;
@@ -287,7 +277,7 @@ async fn receive_feedback(req: HttpRequest, state: web::Data<AppState>) -> Resul
                 "deviceId": r.device_id,
                 "moduleId": r.module_id,
                 "enqueuedTimeUtc": time(r.enqueued_time_utc),
-                "statusCode": status_text(r.status),
+                "statusCode": r.status.as_str(),
                 "description": r.description,
             })
         })

@@ -493,14 +493,7 @@ impl<'a> Session<'a> {
                 due += interval;
             }
         }
-        if fleet.in_flight.is_none() && !interval.is_zero() && due + Duration::from_secs(1) <= now {
-            // The window is full and the schedule a second behind: skip the missed messages
-            // (to the next slot after now) rather than burst them when acks come back.
-            let missed = ((now - due).as_secs_f64() / interval.as_secs_f64()).floor() + 1.0;
-            Stats::add(&fleet.stats.counters.telemetry_skipped, missed as u64);
-            due += interval.mul_f64(missed);
-        }
-        self.next_send = Some(due);
+        self.next_send = Some(fleet.skip_missed(due, now));
         Ok(())
     }
 

@@ -123,6 +123,19 @@ impl RunPhase {
 }
 
 impl Fleet {
+    /// In rate mode, a telemetry schedule a second or more behind `now` (its window full)
+    /// skips the missed messages — counted — to the next slot after `now` rather than burst
+    /// them when the acks come back. Closed-loop (`--in-flight`) schedules are left alone.
+    pub fn skip_missed(&self, due: Instant, now: Instant) -> Instant {
+        let interval = self.send_every.unwrap_or_default();
+        if self.in_flight.is_some() || interval.is_zero() || due + Duration::from_secs(1) > now {
+            return due;
+        }
+        let missed = ((now - due).as_secs_f64() / interval.as_secs_f64()).floor() + 1.0;
+        Stats::add(&self.stats.counters.telemetry_skipped, missed as u64);
+        due + interval.mul_f64(missed)
+    }
+
     pub(super) fn device_id(&self, index: u32) -> String {
         format!("{}{index}", self.prefix)
     }

@@ -172,12 +172,7 @@ impl<'a> Device<'a> {
                             due += interval;
                         }
                     }
-                    if fleet.in_flight.is_none() && !interval.is_zero() && due + Duration::from_secs(1) <= now {
-                        // A second behind with the window full: skip the missed messages.
-                        let missed = ((now - due).as_secs_f64() / interval.as_secs_f64()).floor() + 1.0;
-                        Stats::add(&fleet.stats.counters.telemetry_skipped, missed as u64);
-                        due += interval.mul_f64(missed);
-                    }
+                    due = fleet.skip_missed(due, now);
                     next_send = Some(due);
                     match (fleet.in_flight, self.telemetry_pending >= window) {
                         (_, false) => wake_at = wake_at.min(due),

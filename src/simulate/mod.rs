@@ -227,7 +227,7 @@ async fn prepare_hub(
         _ => Some(provision::https_endpoint(scenario).await?),
     };
     let login = match (https, &scenario.connection_string) {
-        (None, Some(cs)) => provision::HubLogin::parse(cs).context("--connection-string")?,
+        (None, Some(cs)) => crate::auth::ServiceConnectionString::parse(cs).context("--connection-string")?,
         (Some(https), _) => provision::hub_login(scenario, https).await?,
         (None, None) => bail!("a hub run needs --connection-string or the hub's HTTPS endpoint"),
     };
@@ -236,11 +236,11 @@ async fn prepare_hub(
         let bar = progress.provisioning(u64::from(count));
         provision::provision(scenario, &login, https, range, |n| bar.inc(n)).await?;
         bar.finish_and_clear();
-        progress.note(&format!("provisioned {count} devices on {}", login.host));
+        progress.note(&format!("provisioned {count} devices on {}", login.host_name));
     }
-    let tls = if scenario.tls && !over_https { Some(TlsTarget::new(&scenario.ca, &login.host)?) } else { None };
+    let tls = if scenario.tls && !over_https { Some(TlsTarget::new(&scenario.ca, &login.host_name)?) } else { None };
     let token_expiry = unix_now() + scenario.duration.as_secs() + 3600;
-    Ok((Some(HubDevices { host: login.host, seed: scenario.seed.clone(), token_expiry }), tls, https))
+    Ok((Some(HubDevices { host: login.host_name, seed: scenario.seed.clone(), token_expiry }), tls, https))
 }
 
 /// The end of a run (see [`Phase`]): drain — no new messages, wait up to [`device::DRAIN`] for

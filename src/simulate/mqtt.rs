@@ -49,18 +49,7 @@ impl TlsTarget {
     /// Trusts only the PEM certificates in `ca_file`; `host` is the name the server must prove.
     pub fn new(ca_file: &std::path::Path, host: &str) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca_file)
-            .with_context(|| format!("cannot read the CA certificate {}", ca_file.display()))?
-        {
-            roots.add(cert.with_context(|| format!("{} holds a bad certificate", ca_file.display()))?)?;
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = crate::client::tls_config_trusting(ca_file)?;
         let server_name = ServerName::try_from(host.to_owned())
             .with_context(|| format!("'{host}' is not a valid TLS server name"))?;
         Ok(Self { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name })

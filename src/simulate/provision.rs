@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::scenario::Scenario;
-use crate::auth::sas;
+use crate::auth::ServiceConnectionString;
 
 const API_VERSION: &str = "2021-04-12";
 /// Identities per bulk request: the registry's limit.
@@ -31,45 +31,6 @@ const BULK_ITEMS: usize = 100;
 const BULK_CONCURRENCY: usize = 4;
 /// Lifetime of the policy token signed for provisioning.
 const TOKEN_LIFETIME_SECS: u64 = 3600;
-
-/// What the simulator needs of a hub: its host name and a policy key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubLogin {
-    pub host: String,
-    pub key_name: String,
-    pub key: String,
-}
-
-impl HubLogin {
-    /// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`, parts in any order and case.
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let (mut host, mut key_name, mut key) = (None, None, None);
-        for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            // Keys end in base64 padding: only the first `=` separates name from value.
-            let (name, value) = part.split_once('=').with_context(|| format!("'{part}' is not Name=value"))?;
-            let slot = match name.trim().to_ascii_lowercase().as_str() {
-                "hostname" => &mut host,
-                "sharedaccesskeyname" => &mut key_name,
-                "sharedaccesskey" => &mut key,
-                _ => continue,
-            };
-            *slot = Some(value.trim().to_owned());
-        }
-        let need = |v: Option<String>, what: &str| {
-            v.filter(|v| !v.is_empty()).with_context(|| format!("the connection string has no {what}"))
-        };
-        Ok(Self {
-            host: need(host, "HostName")?,
-            key_name: need(key_name, "SharedAccessKeyName")?,
-            key: need(key, "SharedAccessKey")?,
-        })
-    }
-
-    fn token(&self) -> anyhow::Result<String> {
-        sas::sign(&self.host, &self.key, super::unix_now() + TOKEN_LIFETIME_SECS, Some(&self.key_name))
-            .map_err(|_| anyhow::anyhow!("the connection string's SharedAccessKey is not base64"))
-    }
-}
 
 /// A device's primary key, derived from the scenario seed.
 pub fn device_key(seed: &str, device_id: &str) -> String {
@@ -108,9 +69,9 @@ pub async fn https_endpoint(scenario: &Scenario) -> anyhow::Result<SocketAddr> {
 
 /// The login of the scenario: its connection string, or the iothubowner key of a hub read
 /// through the operator API with `<data-dir>/operator.key` (a hub on this machine).
-pub async fn hub_login(scenario: &Scenario, https: SocketAddr) -> anyhow::Result<HubLogin> {
+pub async fn hub_login(scenario: &Scenario, https: SocketAddr) -> anyhow::Result<ServiceConnectionString> {
     if let Some(cs) = &scenario.connection_string {
-        return HubLogin::parse(cs).context("--connection-string / IOTHUB_CONNECTION_STRING");
+        return ServiceConnectionString::parse(cs).context("--connection-string / IOTHUB_CONNECTION_STRING");
     }
     let key_file = scenario.data_dir.join("operator.key");
     let operator_key = std::fs::read_to_string(&key_file)
@@ -154,24 +115,24 @@ pub async fn hub_login(scenario: &Scenario, https: SocketAddr) -> anyhow::Result
         .find(|p| p["keyName"] == "iothubowner")
         .and_then(|p| p["primaryKey"].as_str())
         .context("the hub has no iothubowner policy")?;
-    Ok(HubLogin { host: host.to_owned(), key_name: "iothubowner".into(), key: key.to_owned() })
+    Ok(ServiceConnectionString { host_name: host.to_owned(), key_name: "iothubowner".into(), key: key.to_owned() })
 }
 
 /// Creates (or re-keys) the devices `range` through bulk import; `done` is told how many
 /// identities each finished request covered.
 pub async fn provision(
     scenario: &Scenario,
-    login: &HubLogin,
+    login: &ServiceConnectionString,
     https: SocketAddr,
     range: Range<u32>,
     done: impl Fn(u64),
 ) -> anyhow::Result<()> {
     let client = crate::client::builder_trusting(&scenario.ca)?
-        .resolve(&login.host, https)
+        .resolve(&login.host_name, https)
         .timeout(Duration::from_secs(60))
         .build()?;
-    let url = format!("https://{}:{}/devices?api-version={API_VERSION}", login.host, https.port());
-    let token = login.token()?;
+    let url = format!("https://{}:{}/devices?api-version={API_VERSION}", login.host_name, https.port());
+    let token = login.token(TOKEN_LIFETIME_SECS)?;
     let indexes: Vec<u32> = range.collect();
     let requests = indexes.chunks(BULK_ITEMS).map(|chunk| {
         let items: Vec<Value> = chunk
@@ -216,15 +177,6 @@ pub async fn provision(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_strings_parse_in_any_order() {
-        let login =
-            HubLogin::parse("SharedAccessKey=abc=;hostname=h.example;SharedAccessKeyName=iothubowner").expect("parses");
-        assert_eq!(login.host, "h.example");
-        assert_eq!(login.key, "abc=");
-        assert!(HubLogin::parse("HostName=h;SharedAccessKey=k").is_err());
-    }
 
     #[test]
     fn device_keys_are_stable_per_seed_and_id() {

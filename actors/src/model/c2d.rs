@@ -91,6 +91,19 @@ pub enum FeedbackStatus {
     Purged,
 }
 
+impl FeedbackStatus {
+    /// The `statusCode` text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "Success",
+            Self::Expired => "Expired",
+            Self::DeliveryCountExceeded => "DeliveryCountExceeded",
+            Self::Rejected => "Rejected",
+            Self::Purged => "Purged",
+        }
+    }
+}
+
 /// One feedback record, as the service reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedbackRecord {
