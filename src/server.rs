@@ -178,7 +178,7 @@ async fn run(
     // WebSocket sessions on the HTTPS port are bridged to this loopback-only listener.
     let bridge = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("cannot bind the MQTT bridge")?;
     let bridge_addr = bridge.local_addr()?;
-    let mqtt = mqtt::server::start(mqtt_ctx, (mqtts, tls.server_config.clone()), mqtt_plain, bridge, cores)?;
+    let mqtt = mqtt::listener::start(mqtt_ctx, (mqtts, tls.server_config.clone()), mqtt_plain, bridge, cores)?;
 
     let ready_flag = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {

@@ -158,16 +158,14 @@ impl Ingest {
         Self { store }
     }
 
-    /// Stamps `data` and appends it; returns once it is durable. Must run on a thread with a
-    /// local task set (the ntex workers, actix arbiters): the batch's append is a local task.
-    pub async fn telemetry(
-        &self,
-        hub: &Arc<HubShared>,
-        sender: &Sender,
-        mut data: EventData,
-    ) -> Result<EventPosition, StoreError> {
+    /// Stamps `data` and adds it to this thread's open batch for the hub; the returned
+    /// [`Appended`] completes once the batch is durable. Must run on a thread with a local task
+    /// set (the MQTT workers, actix arbiters): the batch's append is a local task. Not an
+    /// `async fn`: the message joins its batch now, and sessions keep the concrete future in
+    /// their in-flight queue without boxing it.
+    pub fn telemetry(&self, hub: &Arc<HubShared>, sender: &Sender, mut data: EventData) -> Appended {
         sender.stamp(&mut data);
-        let (batch, index) = OPEN.with_borrow_mut(|open| {
+        OPEN.with_borrow_mut(|open| {
             let found = open.iter().find(|b| Arc::ptr_eq(&b.store, &self.store) && Arc::ptr_eq(&b.hub, hub));
             let batch = match found {
                 Some(b) => b.clone(),
@@ -190,8 +188,21 @@ impl Ingest {
             batch.waiters.borrow_mut().push(None);
             let index = events.len() - 1;
             drop(events);
-            (batch, index)
-        });
-        std::future::poll_fn(|cx| batch.poll_outcome(index, cx)).await
+            Appended { batch, index }
+        })
+    }
+}
+
+/// One message's share of a batch append: ready with its position once the batch is durable.
+pub struct Appended {
+    batch: Rc<Batch>,
+    index: usize,
+}
+
+impl Future for Appended {
+    type Output = Result<EventPosition, StoreError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.batch.poll_outcome(self.index, cx)
     }
 }

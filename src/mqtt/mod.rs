@@ -1,9 +1,14 @@
 //! The MQTT 3.1.1 device endpoint (device-protocol §2).
 //!
-//! - [`server`]: the listeners (TLS 8883, opt-in plain) on the ntex System; PUBLISH and
-//!   SUBSCRIBE handling.
-//! - [`connect`]: CONNECT — username, SAS, CONNACK codes, attaching to the `DeviceActor`.
-//! - [`session`]: one connection's state; PUBACK ordering; detach when it ends.
+//! - [`listener`]: the listeners (TLS 8883, opt-in plain, the WebSocket bridge's loopback one)
+//!   and the per-core worker threads connections run on.
+//! - [`transport`]: the byte stream under a session (TLS or plain TCP).
+//! - [`connect`]: CONNECT — username, SAS or X.509, CONNACK codes, attaching to the
+//!   `DeviceActor`.
+//! - [`session`]: one connection after CONNACK: reading, PUBACK ordering, keep-alive, token
+//!   expiry, the Will, detach when it ends; [`inbound`] handles the device's packets,
+//!   [`outbound`] the actor's commands (method requests, desired patches, C2D deliveries).
+//! - [`frame`]: frame boundaries, ntex-mqtt's codec, the outgoing packet buffer.
 //! - [`twin`]: device twin GET and reported PATCH (§2.6).
 //! - [`telemetry`]: a telemetry PUBLISH as an events-log message.
 //! - [`topic`]: device PUBLISH topics and SUBSCRIBE filters classified for the connected
@@ -13,8 +18,12 @@
 
 pub mod bag;
 pub mod connect;
-pub mod server;
+pub mod frame;
+mod inbound;
+pub mod listener;
+mod outbound;
 pub mod session;
 pub mod telemetry;
 pub mod topic;
+pub mod transport;
 pub mod twin;

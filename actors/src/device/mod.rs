@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::mpsc;
 
 use crate::directory::HubShared;
 use crate::messages::{
@@ -30,7 +29,7 @@ pub const PASSIVATE_AFTER: Duration = Duration::from_secs(60);
 
 struct AttachedSession {
     connection_id: u64,
-    outbound: mpsc::Sender<SessionCommand>,
+    outbound: flume::Sender<SessionCommand>,
 }
 
 pub struct DeviceActor {
