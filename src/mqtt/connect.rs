@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 
 use iothubd_actors::deployment::Deployment;
@@ -119,14 +118,11 @@ async fn read_connect(io: &mut Transport) -> Result<(Box<Connect>, Vec<u8>), Con
             Err(e) => return Err(ConnectError::Close(e.to_string())),
         }
         let read = std::future::poll_fn(|cx| {
-            let mut chunk = [0u8; 1024];
-            match io.poll_read(cx, &mut chunk) {
-                Poll::Ready(Ok(n)) => {
-                    bytes.extend_from_slice(&chunk[..n]);
-                    Poll::Ready(Ok(n))
-                }
-                other => other,
-            }
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+            io.poll_read(cx, &mut chunk).map_ok(|read| {
+                bytes.extend_from_slice(read.filled());
+                read.filled().len()
+            })
         })
         .await;
         match read {

@@ -13,6 +13,7 @@
 //! [`Work`] item at the back of `inflight`, and only the front one is answered, once done.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::num::NonZeroU16;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -183,10 +184,11 @@ impl Session {
 
     fn poll_io(&mut self, cx: &mut Context<'_>, io: &mut Transport) -> Poll<Ended> {
         let mut budget = READ_BUDGET;
+        // Once per poll, not per read: the channel's waker brings the task back for more.
+        if let Err(ended) = self.poll_commands(cx) {
+            return Poll::Ready(ended);
+        }
         loop {
-            if let Err(ended) = self.poll_commands(cx) {
-                return Poll::Ready(ended);
-            }
             if let Err(ended) = self.poll_inflight(cx) {
                 return Poll::Ready(ended);
             }
@@ -275,24 +277,26 @@ impl Session {
     /// Reads what the socket has and handles every complete frame in it; ready with the bytes
     /// read, or with the session's end (end of stream, a read error, a protocol violation).
     fn poll_read(&mut self, cx: &mut Context<'_>, io: &mut Transport) -> Poll<Result<usize, Ended>> {
-        let mut chunk = [0u8; READ_CHUNK];
-        let n = match io.poll_read(cx, &mut chunk) {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let read = match io.poll_read(cx, &mut chunk) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(Ended)),
-            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Ok(read)) if read.filled().is_empty() => return Poll::Ready(Err(Ended)),
+            Poll::Ready(Ok(read)) => read,
             Poll::Ready(Err(e)) => {
                 tracing::debug!(identity = %self.sender.key, error = %e, "MQTT read failed");
                 return Poll::Ready(Err(Ended));
             }
         };
+        let read = read.filled();
+        let n = read.len();
         // Any packet resets the keep-alive clock (device-protocol §2.1).
         self.last_seen = Instant::now();
         if self.pending.is_empty() {
-            let used = self.frames(&chunk[..n])?;
-            self.pending.extend_from_slice(&chunk[used..n]);
+            let used = self.frames(read)?;
+            self.pending.extend_from_slice(&read[used..]);
         } else {
             let mut bytes = std::mem::take(&mut self.pending);
-            bytes.extend_from_slice(&chunk[..n]);
+            bytes.extend_from_slice(read);
             let used = self.frames(&bytes)?;
             if used < bytes.len() {
                 bytes.drain(..used);

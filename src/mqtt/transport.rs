@@ -6,6 +6,7 @@
 //! connections do not pay for it).
 
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -19,14 +20,20 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Reads what is available into `buf`; ready with the count, 0 at end of stream.
-    pub fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let mut buf = ReadBuf::new(buf);
+    /// Reads what is available into `buf`; ready with it (its `filled()` part empty at end of
+    /// stream). `buf` need not be initialized: zeroing a read buffer on every read costs more
+    /// than the read of a small packet.
+    pub fn poll_read<'b>(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &'b mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<ReadBuf<'b>>> {
+        let mut buf = ReadBuf::uninit(buf);
         let polled = match self {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, &mut buf),
             Transport::Tls(s) => Pin::new(&mut **s).poll_read(cx, &mut buf),
         };
-        polled.map_ok(|()| buf.filled().len())
+        polled.map_ok(|()| buf)
     }
 
     pub fn poll_write_vectored(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
