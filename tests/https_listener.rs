@@ -167,7 +167,15 @@ async fn a_request_in_flight_finishes_when_the_hub_stops() {
         .json(&json!({ "methodName": "m", "connectTimeoutInSeconds": 2, "responseTimeoutInSeconds": 5 }))
         .send();
     let call = tokio::spawn(call);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight once the handler has woken the device's actor.
+    let shared = hub.server.deployment().directory().resolve(&hub.host).unwrap().shared;
+    let key = IdentityKey::device("asleep");
+    assert!(shared.live_device(&key).is_none(), "the actor is not live before the call");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while shared.live_device(&key).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the call reaches the hub");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let server = hub.server;
     let stopped = tokio::task::spawn_blocking(move || server.shutdown());
     let answer = call.await.unwrap().expect("the in-flight call is answered, not cut");
