@@ -201,16 +201,9 @@ async fn run(
     let (https, https_fallback_reason) =
         bind_with_fallback(cfg.listen.address, cfg.ports.https, cfg.ports.https_fallback)?;
     let https_addr = https.local_addr()?;
-    let mut server = HttpServer::new(app.clone())
-        .disable_signals()
-        .workers(cores)
-        .listen_rustls_0_23(https, (*tls.server_config).clone())?;
     let plain = bind_optional(cfg.listen.address, cfg.ports.http_plain, "plain HTTP")?;
     let plain_addr = plain.as_ref().map(TcpListener::local_addr).transpose()?;
-    if let Some(l) = plain {
-        server = server.listen(l)?;
-    }
-    let server = server.run();
+    let server = http::listener::serve(app, https, (*tls.server_config).clone(), plain, cores)?;
     let handle = server.handle();
     actix_rt::spawn(server);
 

@@ -22,9 +22,10 @@
 //! `DELETE …/deviceBound/{lockToken}` completes (`reject` anywhere in the query rejects);
 //! `POST …/deviceBound/{lockToken}/abandon`; a stale lock token → `412` 412002.
 //!
-//! Header names go out lower-case (HTTP/1.1 names are case-insensitive, and actix writes them
-//! so): the C SDK's case-sensitive match on `ContentType` / `ContentEncoding` does not find
-//! them — see the README's compatibility table.
+//! The C SDK matches the receive's header names case-sensitively: `ContentType`,
+//! `ContentEncoding` and `iothub-app-{name}` go out in exactly that case through
+//! [`header_case::verbatim`] (the other names are lower case, as the SDKs read them). Request
+//! header names arrive lower-cased, so a REST-sent property `Color` is stored as `color`.
 
 use std::time::Duration;
 
@@ -40,6 +41,7 @@ use serde_json::json;
 use super::AppState;
 use super::device::authorize_device;
 use super::error::{ApiError, ErrorCode};
+use super::header_case;
 use super::service::{ServiceCall, path_identity, path_segment};
 
 /// Largest C2D message body (device-protocol §5.4).
@@ -180,8 +182,13 @@ fn device_bound_path(key: &IdentityKey) -> String {
 }
 
 /// The `200` of a device receive: the body, the lock token as a quoted `ETag`, and the
-/// message's properties as `iothub-*` headers (device-protocol §3).
-fn delivery_response(key: &IdentityKey, message: C2dMessage) -> HttpResponse {
+/// message's properties as headers (device-protocol §3).
+fn delivery_response(req: &HttpRequest, key: &IdentityKey, message: C2dMessage) -> Result<HttpResponse, ApiError> {
+    // Sends check property names, so a bad one is the hub's fault.
+    let name = |name: &str| {
+        header_case::verbatim(req, name)
+            .map_err(|_| ApiError::new(ErrorCode::ServerError, format!("{name} is not a valid header name")))
+    };
     let mut response = HttpResponse::Ok();
     if let Some(lock) = &message.lock {
         response.insert_header(("ETag", format!("\"{}\"", lock.token)));
@@ -193,9 +200,9 @@ fn delivery_response(key: &IdentityKey, message: C2dMessage) -> HttpResponse {
         ("ContentType", &message.content_type),
         ("ContentEncoding", &message.content_encoding),
     ];
-    for (name, value) in optional {
+    for (header, value) in optional {
         if let Some(value) = value {
-            response.insert_header((name, value.as_str()));
+            response.insert_header((name(header)?, value.as_str()));
         }
     }
     response
@@ -205,10 +212,10 @@ fn delivery_response(key: &IdentityKey, message: C2dMessage) -> HttpResponse {
         .insert_header(("iothub-enqueuedtime", time(message.enqueued_time)))
         .insert_header(("iothub-deliverycount", message.delivery_count.to_string()))
         .insert_header(("iothub-expiry", time(message.expiry_time)));
-    for (name, value) in &message.properties {
-        response.append_header((format!("iothub-app-{name}"), value.as_str()));
+    for (property, value) in &message.properties {
+        response.append_header((name(&format!("iothub-app-{property}"))?, value.as_str()));
     }
-    response.body(message.body)
+    Ok(response.body(message.body))
 }
 
 async fn receive(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -227,7 +234,7 @@ async fn receive(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRes
     };
     let received = hub.shared.device(&key).send(ReceiveC2d { lock_timeout }).await.map_err(actor_gone)??;
     Ok(match received {
-        Some(message) => delivery_response(&key, message),
+        Some(message) => delivery_response(&req, &key, message)?,
         None => HttpResponse::NoContent().finish(),
     })
 }

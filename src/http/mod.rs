@@ -13,6 +13,9 @@
 //! - [`observe`]: `/health`, `/metrics`, and the request metrics middleware.
 //! - [`events`]: the events log read over HTTPS (service-api §9): partitions, reads, a live
 //!   stream, consumer-group checkpoints (which it writes itself: see its module doc).
+//! - [`listener`]: the HTTPS (and plain HTTP) listener: actix-server, rustls, actix-http, with
+//!   each connection's I/O through [`header_case`], which writes response header names in the
+//!   exact case an SDK matches (device-protocol §3).
 //!
 //! Handlers parse the wire and send messages to actors; they never write the store.
 
@@ -20,6 +23,8 @@ pub mod c2d;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod header_case;
+pub mod listener;
 pub mod methods;
 pub mod observe;
 pub mod operator;

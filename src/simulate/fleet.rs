@@ -1,10 +1,10 @@
 //! What every device task shares, in one `Arc`: the [`Fleet`] (settings of the run, the
-//! connect [`Pacer`], the [`Stats`]) and the [`RunPhase`] through which the controller ends
-//! the run.
+//! connect [`Pacer`], the [`Stats`]), the [`ReadySet`] of devices the service load may address,
+//! and the [`RunPhase`] through which the controller ends the run.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use ntex_mqtt::v3::codec::QoS;
@@ -15,6 +15,7 @@ use super::https::HttpsDevices;
 use super::mqtt::TlsTarget;
 use super::payload::PayloadTemplate;
 use super::scenario::Mode;
+use super::service::Stamp;
 use super::stats::Stats;
 
 /// Hands out connect times `1 / rate` apart, over every device and reconnect: a token bucket
@@ -62,6 +63,8 @@ pub struct Fleet {
     pub send_every: Option<Duration>,
     pub in_flight: Option<usize>,
     pub twin_every: Option<Duration>,
+    /// Twin storm: reported PATCHes each device keeps unanswered (`--twin-in-flight`).
+    pub twin_in_flight: Option<usize>,
     /// Mean time between churn disconnects of one device; `None` = no churn.
     pub churn_every: Option<f64>,
     pub keep_alive: u16,
@@ -72,6 +75,57 @@ pub struct Fleet {
     pub pacer: Pacer,
     pub stats: Stats,
     pub phase: RunPhase,
+    /// Which devices are connected and subscribed.
+    pub ready: ReadySet,
+    /// Marks this run's service C2D messages ([`Stamp`]), told apart from older ones still queued.
+    pub run_id: u64,
+}
+
+/// The devices of the shard that are connected with their subscriptions granted (or an HTTPS
+/// device answered): the ones the service load addresses. One byte per device.
+pub struct ReadySet {
+    first: u32,
+    flags: Vec<AtomicBool>,
+    count: AtomicU32,
+}
+
+impl ReadySet {
+    /// Devices `first..first + len`, none ready.
+    pub fn new(first: u32, len: u32) -> Self {
+        Self { first, flags: (0..len).map(|_| AtomicBool::new(false)).collect(), count: AtomicU32::new(0) }
+    }
+
+    pub fn set(&self, index: u32, ready: bool) {
+        let Some(flag) = index.checked_sub(self.first).and_then(|i| self.flags.get(i as usize)) else {
+            return;
+        };
+        if flag.swap(ready, Ordering::Relaxed) != ready {
+            if ready {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every device of the shard is ready.
+    pub fn all(&self) -> bool {
+        self.count.load(Ordering::Relaxed) as usize == self.flags.len()
+    }
+
+    /// The first ready device at or after `cursor` (round the shard once), and moves `cursor`
+    /// past it: round-robin over the ready devices.
+    pub fn next(&self, cursor: &mut usize) -> Option<u32> {
+        let len = self.flags.len();
+        for step in 0..len {
+            let i = (*cursor + step) % len;
+            if self.flags[i].load(Ordering::Relaxed) {
+                *cursor = (i + 1) % len;
+                return u32::try_from(i).ok().map(|i| self.first + i);
+            }
+        }
+        None
+    }
 }
 
 /// How a run ends, in two steps, so that the last acks are not measured behind the broker's
@@ -140,10 +194,12 @@ impl Fleet {
         format!("{}{index}", self.prefix)
     }
 
-    pub(super) fn telemetry_topic(&self, index: u32) -> String {
-        match self.mode {
-            Mode::Raw => format!("sim/{index}/events"),
-            Mode::Azure => format!("devices/{}{index}/messages/events/{}", self.prefix, self.property_bag),
+    /// A device received a C2D message: counted, and when it is one of this run's service
+    /// messages, delivered with its send → receive latency.
+    pub(super) fn c2d_received(&self, payload: &[u8]) {
+        Stats::add(&self.stats.counters.c2d_received, 1);
+        if let Some(stamp) = Stamp::parse(payload).filter(|s| s.run == self.run_id) {
+            self.stats.c2d_delivered(stamp.age());
         }
     }
 }
@@ -158,5 +214,24 @@ mod tests {
         let a = pacer.slot();
         let b = pacer.slot();
         assert_eq!(b - a, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn ready_devices_are_addressed_round_robin() {
+        let ready = ReadySet::new(10, 4);
+        let mut cursor = 0;
+        assert_eq!(ready.next(&mut cursor), None);
+        ready.set(11, true);
+        ready.set(13, true);
+        ready.set(13, true);
+        ready.set(99, true);
+        let picks: Vec<_> = (0..3).filter_map(|_| ready.next(&mut cursor)).collect();
+        assert_eq!(picks, [11, 13, 11]);
+        assert!(!ready.all());
+        ready.set(10, true);
+        ready.set(12, true);
+        assert!(ready.all());
+        ready.set(12, false);
+        assert!(!ready.all());
     }
 }

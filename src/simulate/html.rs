@@ -2,8 +2,9 @@
 //! script and no CDN, so it opens anywhere, offline, and can be attached to an issue.
 //!
 //! Plots: throughput over time (acked and sent per second), connected devices over time, ack
-//! latency percentiles over time, and the ack latency histogram; then the counts, latency
-//! tables, errors, memory and the scenario.
+//! latency percentiles over time, the ack latency histogram, and — when they ran — twin
+//! updates, method calls and C2D deliveries per second; then the counts, latency tables (twin,
+//! method and C2D round trips among them), the connect storm, errors, memory and the scenario.
 
 use std::fmt::Write as _;
 
@@ -213,7 +214,7 @@ pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}.err{color:#b00}
 /// The whole page.
 pub fn render(report: &Report) -> String {
     let t = &report.timeline;
-    let series = |f: fn(&super::stats::Sample) -> Option<f64>| -> Vec<(f64, f64)> {
+    let series = |f: fn(&super::timeline::Sample) -> Option<f64>| -> Vec<(f64, f64)> {
         t.iter().filter_map(|s| f(s).map(|v| (s.t_s, v))).collect()
     };
     let c = &report.counts.totals;
@@ -256,6 +257,32 @@ pub fn render(report: &Report) -> String {
         ],
     ));
     page.push_str(&histogram_chart(report));
+    let ops = &report.operations;
+    let mut op_series = Vec::new();
+    if ops.twin.is_some() {
+        op_series.push(Series {
+            name: "twin updates / s",
+            color: "#76b7b2",
+            points: series(|s| Some(s.twin_acked_per_s)),
+        });
+    }
+    if ops.methods.is_some() {
+        op_series.push(Series {
+            name: "method calls / s",
+            color: "#b07aa1",
+            points: series(|s| Some(s.methods_per_s)),
+        });
+    }
+    if ops.c2d.is_some() {
+        op_series.push(Series {
+            name: "C2D delivered / s",
+            color: "#edc948",
+            points: series(|s| Some(s.c2d_delivered_per_s)),
+        });
+    }
+    if !op_series.is_empty() {
+        page.push_str(&line_chart("Device and service operations", "operations / s", &op_series));
+    }
 
     let _ = write!(
         page,
@@ -273,8 +300,19 @@ pub fn render(report: &Report) -> String {
     latency_rows(&mut page, "telemetry ack", &report.latency.ack);
     latency_rows(&mut page, "connect", &report.latency.connect);
     latency_rows(&mut page, "twin PATCH", &report.latency.twin);
-    page.push_str("</table><h2>Counts</h2><table>");
-    let rows: [(&str, u64); 15] = [
+    latency_rows(&mut page, "direct method (service)", &report.latency.method);
+    latency_rows(&mut page, "C2D send → receive", &report.latency.c2d);
+    page.push_str("</table>");
+    if let Some(storm) = &report.connect_storm {
+        let _ = write!(
+            page,
+            "<p>Connect storm: {} devices' first connections in {:.3} s, first CONNECT to last CONNACK: \
+             <b>{:.0}</b> connects/s.</p>",
+            storm.devices, storm.window_s, storm.per_s
+        );
+    }
+    page.push_str("<h2>Counts</h2><table>");
+    let rows: [(&str, u64); 21] = [
         ("connect attempts", c.connect_attempts),
         ("connects (CONNACK 0)", c.connects),
         ("peak online", c.peak_online),
@@ -289,6 +327,12 @@ pub fn render(report: &Report) -> String {
         ("twin PATCH answered 2xx", c.twin_acked),
         ("methods answered", c.methods_answered),
         ("C2D received", c.c2d_received),
+        ("service: method calls", c.methods_called),
+        ("service: method calls answered 200", c.methods_succeeded),
+        ("service: C2D sent", c.c2d_sent),
+        ("service: C2D accepted", c.c2d_accepted),
+        ("service: C2D delivered", c.c2d_delivered),
+        ("service: skipped", c.service_skipped),
         ("errors", c.errors),
     ];
     for (name, value) in rows {

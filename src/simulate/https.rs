@@ -4,7 +4,8 @@
 //! `Authorization`, properties as `iothub-*` headers), acknowledged by a 204; its latency is
 //! request sent → response read, into the same ack histogram as PUBACKs. With `c2d` subscribed
 //! the device polls `GET /devices/{id}/messages/deviceBound` at most once a second and
-//! completes what it gets (`DELETE …/deviceBound/{lockToken}`, the lock being the `ETag`).
+//! completes what it gets (`DELETE …/deviceBound/{lockToken}`, the lock being the `ETag`);
+//! from its first answer it is ready for the service's C2D messages (`--c2d-rate`).
 //!
 //! Devices share one `reqwest::Client` (an HTTP/1.1 keep-alive pool to the `--https` address,
 //! the hub's host name resolved to it): a device task is only its schedule and the requests it
@@ -96,8 +97,8 @@ type Failure = (ErrorKind, String);
 enum Answer {
     /// Telemetry: its latency, or why it failed.
     Telemetry(Result<Duration, Failure>),
-    /// A C2D poll: whether a message was received and completed.
-    Poll(Result<bool, Failure>),
+    /// A C2D poll: the body of the message received and completed, if one was.
+    Poll(Result<Option<Vec<u8>>, Failure>),
 }
 
 type Request<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
@@ -129,6 +130,7 @@ impl Drop for Device<'_> {
         self.fleet.stats.answered(self.telemetry_pending);
         if self.online {
             self.fleet.stats.went_offline();
+            self.fleet.ready.set(self.index, false);
         }
     }
 }
@@ -155,39 +157,40 @@ impl<'a> Device<'a> {
         }
         loop {
             let phase_change = fleet.phase.changed(self.index);
-            // Draining: nothing new, answers still awaited; closing: what is left is dropped.
+            // Draining: no new telemetry, answers still awaited; closing: what is left is dropped.
             let phase = fleet.phase.get();
             if phase == Phase::Closing {
                 return;
             }
-            let running = phase == Phase::Running;
             let now = Instant::now();
             let mut wake_at = now + Duration::from_secs(3600);
-            if running {
-                if let Some(mut due) = next_send {
-                    while due <= now && self.telemetry_pending < window {
-                        seq += 1;
-                        pending.push(self.telemetry(seq));
-                        if fleet.in_flight.is_none() {
-                            due += interval;
-                        }
-                    }
-                    due = fleet.skip_missed(due, now);
-                    next_send = Some(due);
-                    match (fleet.in_flight, self.telemetry_pending >= window) {
-                        (_, false) => wake_at = wake_at.min(due),
-                        (None, true) => wake_at = wake_at.min(due + Duration::from_secs(1)),
-                        (Some(_), true) => {}
+            if phase == Phase::Running
+                && let Some(mut due) = next_send
+            {
+                while due <= now && self.telemetry_pending < window {
+                    seq += 1;
+                    pending.push(self.telemetry(seq));
+                    if fleet.in_flight.is_none() {
+                        due += interval;
                     }
                 }
-                if let Some(due) = next_poll.filter(|_| !polling) {
-                    if due <= now {
-                        pending.push(self.poll());
-                        polling = true;
-                        next_poll = Some(now + POLL_EVERY);
-                    } else {
-                        wake_at = wake_at.min(due);
-                    }
+                due = fleet.skip_missed(due, now);
+                next_send = Some(due);
+                match (fleet.in_flight, self.telemetry_pending >= window) {
+                    (_, false) => wake_at = wake_at.min(due),
+                    (None, true) => wake_at = wake_at.min(due + Duration::from_secs(1)),
+                    (Some(_), true) => {}
+                }
+            }
+            // Polling is how the device receives: it goes on while the run drains, so the
+            // service's accepted messages still arrive.
+            if let Some(due) = next_poll.filter(|_| !polling) {
+                if due <= now {
+                    pending.push(self.poll());
+                    polling = true;
+                    next_poll = Some(now + POLL_EVERY);
+                } else {
+                    wake_at = wake_at.min(due);
                 }
             }
             tokio::select! {
@@ -208,8 +211,8 @@ impl<'a> Device<'a> {
                         match result {
                             Ok(received) => {
                                 self.came_online();
-                                if received {
-                                    Stats::add(&fleet.stats.counters.c2d_received, 1);
+                                if let Some(body) = received {
+                                    fleet.c2d_received(&body);
                                 }
                             }
                             Err((kind, detail)) => fleet.stats.error(kind, || detail),
@@ -222,10 +225,12 @@ impl<'a> Device<'a> {
         }
     }
 
+    /// Counted as connected, and ready for the service's C2D messages.
     fn came_online(&mut self) {
         if !self.online {
             self.online = true;
             self.fleet.stats.went_online();
+            self.fleet.ready.set(self.index, true);
         }
     }
 
@@ -259,11 +264,11 @@ impl<'a> Device<'a> {
 }
 
 /// One C2D poll: `GET …/deviceBound`; a message (200) is completed by `DELETE …/{lockToken}`.
-async fn receive_c2d(fleet: &Fleet, index: u32) -> Result<bool, Failure> {
+async fn receive_c2d(fleet: &Fleet, index: u32) -> Result<Option<Vec<u8>>, Failure> {
     let response =
         request(fleet, index, reqwest::Method::GET, "messages/deviceBound")?.send().await.map_err(failure)?;
     match response.status() {
-        StatusCode::NO_CONTENT => return Ok(false),
+        StatusCode::NO_CONTENT => return Ok(None),
         StatusCode::OK => {}
         _ => return Err(unexpected("GET messages/deviceBound", response).await),
     }
@@ -273,14 +278,14 @@ async fn receive_c2d(fleet: &Fleet, index: u32) -> Result<bool, Failure> {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim_matches('"').to_owned())
         .ok_or_else(|| (ErrorKind::Protocol, "a C2D message without an ETag".to_owned()))?;
-    // Read the body, so that the connection goes back to the pool.
-    response.bytes().await.map_err(failure)?;
+    // Read the body (which also returns the connection to the pool).
+    let body = response.bytes().await.map_err(failure)?;
     let path = format!("messages/deviceBound/{lock}");
     let done = request(fleet, index, reqwest::Method::DELETE, &path)?.send().await.map_err(failure)?;
     if done.status() != StatusCode::NO_CONTENT {
         return Err(unexpected("DELETE messages/deviceBound/{lock}", done).await);
     }
-    Ok(true)
+    Ok(Some(body.to_vec()))
 }
 
 fn https_of(fleet: &Fleet) -> &HttpsDevices {
@@ -300,7 +305,7 @@ fn request(fleet: &Fleet, index: u32, method: reqwest::Method, path: &str) -> Re
 }
 
 /// A request that failed before an answer: connecting, TLS, a timeout, the connection lost.
-fn failure(e: reqwest::Error) -> Failure {
+pub(super) fn failure(e: reqwest::Error) -> Failure {
     let kind = if e.is_timeout() {
         ErrorKind::ConnectTimeout
     } else if e.is_connect() {
@@ -312,7 +317,7 @@ fn failure(e: reqwest::Error) -> Failure {
 }
 
 /// An answer with a status other than expected, with the hub's error text.
-async fn unexpected(what: &str, response: reqwest::Response) -> Failure {
+pub(super) async fn unexpected(what: &str, response: reqwest::Response) -> Failure {
     let status = response.status();
     let code = response.headers().get("iothub-errorcode").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let body = response.text().await.unwrap_or_default();

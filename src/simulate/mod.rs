@@ -6,10 +6,15 @@
 //! - [`device`]: one task per device — connect, subscribe, telemetry, twin, methods, C2D, churn.
 //! - [`https`]: the same device over the HTTPS device API (`--transport https`): telemetry
 //!   POSTs and C2D polling through one shared HTTP/1.1 client.
-//! - [`fleet`]: what the device tasks share: settings, connect pacing, stats, the run's phase.
+//! - [`service`]: the service side — direct-method calls and C2D sends to the devices, through
+//!   the hub's REST API or, in raw mode, MQTT clients of the broker in the hub's part.
+//! - [`topics`]: every topic of a device and of the raw service, in both modes.
+//! - [`fleet`]: what the device tasks share: settings, connect pacing, stats, which devices are
+//!   ready, the run's phase.
 //! - [`mqtt`]: the minimal MQTT 3.1.1 client under it (ntex-mqtt's codec, plain or TLS).
 //! - [`payload`]: telemetry bodies and the property bag.
-//! - [`stats`]: counters, latency histograms, the per-second timeline.
+//! - [`stats`]: counters, latency histograms, the connect storm; [`timeline`]: the per-second
+//!   samples made from them.
 //! - [`progress`]: the live lines in the terminal (indicatif).
 //! - [`report`], [`html`]: `report.json` and a self-contained `report.html` with SVG plots.
 //! - [`system`]: open-file limit, local addresses and ports, resident memory.
@@ -26,8 +31,12 @@
 //!   password for `{host}/devices/{id}`, clean session, telemetry on
 //!   `devices/{id}/messages/events/{bag}`, twin PATCH with `$rid` and its 204 answer, method
 //!   requests answered with 200 at QoS 0, C2D received at QoS 1 and completed by the PUBACK.
-//!   **Raw mode** speaks plain MQTT: client id `{prefix}{i}`, topic `sim/{i}/events`, no
-//!   credentials, nothing subscribed — the same telemetry workload for any broker.
+//!   **Raw mode** speaks plain MQTT: client id `{prefix}{i}`, telemetry on `sim/{i}/events`, no
+//!   credentials — the same workload for any broker, methods, C2D and twin requests on
+//!   `sim/{i}/…` topics with MQTT clients of the broker doing the hub's part ([`topics`]).
+//! - **The service side is part of the tool** ([`service`]): a load tester's back end invokes
+//!   methods and sends C2D messages to the fleet; against a hub that is its REST API, and the
+//!   report measures it as the service and the devices see it.
 //! - **Devices are provisioned by bulk import** with keys derived from `--seed`, so reruns skip
 //!   provisioning. Without a connection string the hub is found through its operator API
 //!   (`<data-dir>/operator.key`), so `iothubd simulate` works against a local hub as is.
@@ -39,11 +48,12 @@
 //!   the devices; a run that does not fit is refused with the number of `--shard i/N`
 //!   processes it needs. Against a loopback target, more devices than one address' ephemeral
 //!   ports get 127.0.0.x source addresses automatically.
-//! - **Ending** in two steps ([`fleet::Phase`]): after `--duration` or at Ctrl-C devices stop
-//!   sending and the run waits up to [`device::DRAIN`] for every ack still due, connections
-//!   open — so the last latencies are not measured behind the broker closing thousands of
-//!   connections at once; then every device sends DISCONNECT. The report is written either
-//!   way; the command fails when no device connected.
+//! - **Ending** in two steps ([`fleet::Phase`]): after `--duration` or at Ctrl-C devices and
+//!   the service stop sending and the run waits up to [`device::DRAIN`] for every answer (and
+//!   accepted C2D message) still due, connections open — so the last latencies are not
+//!   measured behind the broker closing thousands of connections at once; then every device
+//!   sends DISCONNECT. The report is written either way; the command fails when no device
+//!   connected.
 
 pub mod device;
 pub mod fleet;
@@ -55,8 +65,11 @@ pub mod progress;
 pub mod provision;
 pub mod report;
 pub mod scenario;
+pub mod service;
 pub mod stats;
 pub mod system;
+pub mod timeline;
+pub mod topics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,11 +82,14 @@ use tokio::time::Instant;
 pub use report::Report;
 pub use scenario::{Scenario, ScenarioOptions, SimulateArgs};
 
-use fleet::{Fleet, HubDevices, Pacer, Phase, RunPhase};
+use crate::auth::ServiceConnectionString;
+use fleet::{Fleet, HubDevices, Pacer, Phase, ReadySet, RunPhase};
 use mqtt::TlsTarget;
 use progress::Progress;
 use scenario::{DeviceTransport, Mode};
-use stats::{Sampler, Stats};
+use service::{Backend, broker};
+use stats::Stats;
+use timeline::Sampler;
 
 /// How long the run waits for device tasks to disconnect before it abandons them.
 const FINISH_GRACE: Duration = Duration::from_secs(5);
@@ -84,6 +100,10 @@ pub(crate) fn unix_now() -> u64 {
 
 pub(crate) fn unix_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(crate) fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// The command: runs the scenario on a multi-threaded runtime, prints the summary, writes the
@@ -114,8 +134,8 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     system::check_fits(shard_devices, scenario.devices, open_files)?;
     let over_https = scenario.transport == DeviceTransport::Https;
     let progress = Progress::new(scenario.progress, u64::from(shard_devices));
-    let (hub, tls, https_addr) = match scenario.mode {
-        Mode::Raw => (None, None, None),
+    let HubSide { devices: hub, tls, https: https_addr, login } = match scenario.mode {
+        Mode::Raw => HubSide::default(),
         Mode::Azure => prepare_hub(&scenario, range.clone(), &progress).await?,
     };
     let hub_host = hub.as_ref().map(|h| h.host.clone());
@@ -147,7 +167,8 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         qos: scenario.qos,
         send_every: every(scenario.rate),
         in_flight: scenario.in_flight.map(|n| n as usize),
-        twin_every: if scenario.mode == Mode::Azure { every(scenario.twin_rate) } else { None },
+        twin_every: every(scenario.twin_rate),
+        twin_in_flight: scenario.twin_in_flight.map(|n| n as usize),
         churn_every: (scenario.churn > 0.0).then(|| f64::from(shard_devices) / scenario.churn),
         keep_alive: scenario.keep_alive,
         methods: scenario.methods,
@@ -157,12 +178,16 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         pacer: Pacer::new(scenario.connect_rate),
         stats: Stats::new(),
         phase: RunPhase::default(),
+        ready: ReadySet::new(range.start, shard_devices),
+        run_id: rand::random(),
     });
+    let mut devices = JoinSet::new();
+    start_service(&scenario, &fleet, https_addr, login.as_ref(), &mut devices).await?;
 
     let started_at = chrono::Utc::now();
     let rss_before = system::rss_kib();
-    let started = Instant::now();
-    let mut devices = JoinSet::new();
+    // The run's clock starts with its stats: the service connections count as part of the run.
+    let started = Instant::from_std(fleet.stats.epoch());
     for index in range.clone() {
         if over_https {
             devices.spawn(https::run(fleet.clone(), index));
@@ -212,20 +237,30 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     }))
 }
 
+/// The hub side of an Azure run (all `None` in raw mode).
+#[derive(Default)]
+struct HubSide {
+    /// What device credentials derive from.
+    devices: Option<HubDevices>,
+    /// TLS settings for the hub's MQTT endpoint.
+    tls: Option<TlsTarget>,
+    /// The hub's HTTPS endpoint, when one was needed.
+    https: Option<SocketAddr>,
+    /// The service's login (the connection string, or iothubowner through the operator API).
+    login: Option<ServiceConnectionString>,
+}
+
 /// The hub side of an Azure run: its login, the devices provisioned (unless skipped), the TLS
 /// settings for its MQTT endpoint, its HTTPS endpoint (when one was needed).
-async fn prepare_hub(
-    scenario: &Scenario,
-    range: std::ops::Range<u32>,
-    progress: &Progress,
-) -> anyhow::Result<(Option<HubDevices>, Option<TlsTarget>, Option<SocketAddr>)> {
-    // HTTPS is needed to provision, to find the hub without a connection string, and for
-    // HTTPS devices.
-    let over_https = scenario.transport == DeviceTransport::Https;
+async fn prepare_hub(scenario: &Scenario, range: std::ops::Range<u32>, progress: &Progress) -> anyhow::Result<HubSide> {
+    // HTTPS is needed to provision, to find the hub without a connection string, for HTTPS
+    // devices and for the service load.
+    let needs_https = scenario.transport == DeviceTransport::Https || scenario.service.is_on();
     let https = match (scenario.provision, &scenario.connection_string) {
-        (false, Some(_)) if !over_https => None,
+        (false, Some(_)) if !needs_https => None,
         _ => Some(provision::https_endpoint(scenario).await?),
     };
+    let over_https = scenario.transport == DeviceTransport::Https;
     let login = match (https, &scenario.connection_string) {
         (None, Some(cs)) => crate::auth::ServiceConnectionString::parse(cs).context("--connection-string")?,
         (Some(https), _) => provision::hub_login(scenario, https).await?,
@@ -240,7 +275,44 @@ async fn prepare_hub(
     }
     let tls = if scenario.tls && !over_https { Some(TlsTarget::new(&scenario.ca, &login.host_name)?) } else { None };
     let token_expiry = unix_now() + scenario.duration.as_secs() + 3600;
-    Ok((Some(HubDevices { host: login.host_name, seed: scenario.seed.clone(), token_expiry }), tls, https))
+    let devices = HubDevices { host: login.host_name.clone(), seed: scenario.seed.clone(), token_expiry };
+    Ok(HubSide { devices: Some(devices), tls, https, login: Some(login) })
+}
+
+/// The service side, started before the devices: against a hub, a REST client; in raw mode,
+/// the service client and the twin responder of the broker, connected and subscribed (so no
+/// device's request goes unheard). Their tasks go into `tasks`, ended with the devices'.
+async fn start_service(
+    scenario: &Scenario,
+    fleet: &Arc<Fleet>,
+    https: Option<SocketAddr>,
+    login: Option<&ServiceConnectionString>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let shard = scenario.shard.index;
+    let twin_load = fleet.twin_every.is_some() || fleet.twin_in_flight.is_some();
+    if scenario.mode == Mode::Raw && twin_load {
+        let responder = broker::TwinResponder::start(fleet.clone(), format!("{}twin-responder-{shard}", fleet.prefix));
+        tasks.spawn(responder.await?.run());
+    }
+    if !scenario.service.is_on() {
+        return Ok(());
+    }
+    let backend = match (scenario.mode, https, login) {
+        (Mode::Raw, ..) => {
+            let client_id = format!("{}service-{shard}", fleet.prefix);
+            let (client, serving) = broker::ServiceClient::start(fleet.clone(), client_id).await?;
+            tasks.spawn(serving);
+            Backend::Broker(client)
+        }
+        (Mode::Azure, Some(https), Some(login)) => {
+            let lifetime = scenario.duration + Duration::from_secs(3600);
+            Backend::Rest(service::rest::Rest::new(&scenario.ca, https, login, lifetime)?)
+        }
+        (Mode::Azure, ..) => bail!("the service load needs the hub's HTTPS endpoint (--https)"),
+    };
+    tasks.spawn(service::run(fleet.clone(), scenario.service, backend));
+    Ok(())
 }
 
 /// The end of a run (see [`Phase`]): drain — no new messages, wait up to [`device::DRAIN`] for
@@ -300,7 +372,7 @@ async fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
 /// What the controller learns while the run goes: the timeline and the memory sample.
 struct RunState {
     sampler: Sampler,
-    timeline: Vec<stats::Sample>,
+    timeline: Vec<timeline::Sample>,
     memory: report::Memory,
     /// Seconds into the run when every device of the shard was first online.
     all_online_at: Option<f64>,

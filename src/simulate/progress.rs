@@ -1,6 +1,7 @@
 //! The live view of a run on stderr: with a terminal, two indicatif lines redrawn every second
-//! (connected devices as a bar; rates, totals, errors and ack percentiles); without one (CI, a
-//! pipe), a plain line every ten seconds; nothing with `--quiet`.
+//! (connected devices as a bar; rates, totals, errors and ack percentiles, and the twin, method
+//! and C2D rates with answered/sent when those run); without one (CI, a pipe), a plain line
+//! every ten seconds; nothing with `--quiet`.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::stats::{Sample, Snapshot};
+use super::stats::Snapshot;
+use super::timeline::Sample;
 
 /// Interval of the plain lines when stderr is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
@@ -116,10 +118,20 @@ fn line(sample: &Sample, t: &Snapshot) -> String {
         ms(sample.ack_p99_ms),
     );
     if t.twin_sent > 0 {
-        text.push_str(&format!(" · twin {}/{}", t.twin_acked, t.twin_sent));
+        text.push_str(&format!(" · twin {:.0}/s ({}/{})", sample.twin_acked_per_s, t.twin_acked, t.twin_sent));
     }
-    if t.methods_answered > 0 || t.c2d_received > 0 {
-        text.push_str(&format!(" · methods {} · c2d {}", t.methods_answered, t.c2d_received));
+    if t.methods_called > 0 {
+        text.push_str(&format!(
+            " · methods {:.0}/s ({}/{})",
+            sample.methods_per_s, t.methods_succeeded, t.methods_called
+        ));
+    } else if t.methods_answered > 0 {
+        text.push_str(&format!(" · methods {}", t.methods_answered));
+    }
+    if t.c2d_sent > 0 {
+        text.push_str(&format!(" · c2d {:.0}/s ({}/{})", sample.c2d_delivered_per_s, t.c2d_delivered, t.c2d_sent));
+    } else if t.c2d_received > 0 {
+        text.push_str(&format!(" · c2d {}", t.c2d_received));
     }
     text
 }

@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::scenario::Scenario;
-use super::stats::{LatencyReport, Sample, Snapshot, Stats};
+use super::stats::{ConnectStorm, LatencyReport, Snapshot, Stats};
+use super::timeline::Sample;
 
 /// The process' resident memory around connecting the devices.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -65,6 +66,32 @@ pub struct Throughput {
     pub sent_per_s: f64,
 }
 
+/// The rate of one kind of operation over its window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rate {
+    /// Operations completed (answered, delivered).
+    pub done: u64,
+    /// Per second over the window.
+    pub mean_per_s: f64,
+    /// Per second over the whole seconds of the window once the load was in full swing.
+    pub steady_per_s: Option<f64>,
+    /// Highest one-second rate.
+    pub peak_per_s: f64,
+}
+
+/// Twin PATCHes (device side), method calls and C2D messages (service side).
+#[derive(Debug, Clone, Serialize)]
+pub struct Operations {
+    /// Seconds into the run when the service load began (every device ready).
+    pub service_started_at_s: Option<f64>,
+    /// Reported PATCHes answered 2xx, over the sending time (steady: once all were online).
+    pub twin: Option<Rate>,
+    /// Method calls answered 200, from the service's start to the end of sending.
+    pub methods: Option<Rate>,
+    /// This run's C2D messages received by devices, over the same window.
+    pub c2d: Option<Rate>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub tool: &'static str,
@@ -87,8 +114,11 @@ pub struct Report {
     pub connack_refused: BTreeMap<String, u64>,
     pub error_samples: Vec<String>,
     pub throughput: Throughput,
-    /// Seconds into the run when every device was first online.
+    /// Seconds into the run when every device was first online (a once-a-second sample).
     pub all_online_at_s: Option<f64>,
+    /// Every device's first connection: first CONNECT written → last first CONNACK read.
+    pub connect_storm: Option<ConnectStorm>,
+    pub operations: Operations,
     pub latency: LatencyReport,
     pub memory: Memory,
     pub timeline: Vec<Sample>,
@@ -132,6 +162,32 @@ impl Report {
                 .collect(),
             None => Vec::new(),
         };
+        let rate = |done: u64, from: f64, per_s: fn(&Sample) -> f64, steady_from: Option<f64>| {
+            // Samples wholly inside the window: begun at or after its start, ended by the end
+            // of sending (within the half second the last sample may run over).
+            let inside = |s: &&Sample, from: f64| s.t_s - s.span_s >= from - 1e-3 && s.t_s <= sending_s + 0.5;
+            let steady: Vec<f64> = match steady_from {
+                Some(t0) => i.timeline.iter().filter(whole).filter(|s| inside(s, t0)).map(per_s).collect(),
+                None => Vec::new(),
+            };
+            Rate {
+                done,
+                mean_per_s: done as f64 / (sending_s - from).max(1e-3),
+                steady_per_s: (!steady.is_empty()).then(|| steady.iter().sum::<f64>() / steady.len() as f64),
+                peak_per_s: i.timeline.iter().filter(whole).map(per_s).fold(0.0, f64::max),
+            }
+        };
+        let service_started = i.stats.service_started_at();
+        let service_rate = |sent: u64, done: u64, per_s: fn(&Sample) -> f64| {
+            let from = service_started.filter(|_| sent > 0)?;
+            Some(rate(done, from, per_s, Some(from)))
+        };
+        let operations = Operations {
+            service_started_at_s: service_started,
+            twin: (totals.twin_sent > 0).then(|| rate(totals.twin_acked, 0.0, |s| s.twin_acked_per_s, i.all_online_at)),
+            methods: service_rate(totals.methods_called, totals.methods_succeeded, |s| s.methods_per_s),
+            c2d: service_rate(totals.c2d_sent, totals.c2d_delivered, |s| s.c2d_delivered_per_s),
+        };
         let (kinds, codes) = i.stats.error_breakdown();
         let mut memory = i.memory;
         if memory.devices_at_sample > 0 && memory.rss_connected_kib > 0 {
@@ -173,6 +229,8 @@ impl Report {
                 sent_per_s: totals.telemetry_sent as f64 / sending_s,
             },
             all_online_at_s: i.all_online_at,
+            connect_storm: i.stats.connect_storm(),
+            operations,
             latency: i.stats.latency_summaries(),
             memory,
             timeline: i.timeline,
@@ -203,6 +261,12 @@ impl Report {
         if let Some(t) = self.all_online_at_s {
             lines.push(format!("               all {} devices online after {t:.1}s", self.shard.devices));
         }
+        if let Some(storm) = &self.connect_storm {
+            lines.push(format!(
+                "               {} first connections in {:.3}s (first CONNECT → last CONNACK): {:.0} connects/s",
+                storm.devices, storm.window_s, storm.per_s
+            ));
+        }
         lines.push(format!(
             "  telemetry    {} sent, {} acked, {} unacked, {} skipped · {:.0} msg/s mean{} · peak {:.0} msg/s",
             c.telemetry_sent,
@@ -213,8 +277,9 @@ impl Report {
             self.throughput.steady_per_s.map(|s| format!(", {s:.0} steady")).unwrap_or_default(),
             self.throughput.peak_per_s,
         ));
+        let l = &self.latency;
         for (name, summary) in
-            [("ack", &self.latency.ack), ("connect", &self.latency.connect), ("twin", &self.latency.twin)]
+            [("ack", &l.ack), ("connect", &l.connect), ("twin", &l.twin), ("method", &l.method), ("c2d", &l.c2d)]
         {
             if let Some(s) = summary {
                 lines.push(format!(
@@ -223,11 +288,43 @@ impl Report {
                 ));
             }
         }
+        let per_s = |r: &Option<Rate>| match r {
+            Some(r) => format!(
+                " ({:.0}/s{})",
+                r.mean_per_s,
+                r.steady_per_s.map(|s| format!(", {s:.0} steady")).unwrap_or_default()
+            ),
+            None => String::new(),
+        };
+        let ops = &self.operations;
         if c.twin_sent > 0 || c.methods_answered > 0 || c.c2d_received > 0 {
             lines.push(format!(
-                "  device       twin PATCH {} sent, {} answered · methods answered {} · C2D received {}",
-                c.twin_sent, c.twin_acked, c.methods_answered, c.c2d_received
+                "  device       twin PATCH {} sent, {} answered{} · methods answered {} · C2D received {}",
+                c.twin_sent,
+                c.twin_acked,
+                per_s(&ops.twin),
+                c.methods_answered,
+                c.c2d_received
             ));
+        }
+        if c.methods_called > 0 || c.c2d_sent > 0 || c.service_skipped > 0 {
+            lines.push(format!(
+                "  service      from {}: methods {} called, {} answered 200{} · C2D {} sent, {} accepted, {} delivered{} · {} skipped",
+                ops.service_started_at_s.map(|t| format!("{t:.1}s")).unwrap_or_else(|| "-".into()),
+                c.methods_called,
+                c.methods_succeeded,
+                per_s(&ops.methods),
+                c.c2d_sent,
+                c.c2d_accepted,
+                c.c2d_delivered,
+                per_s(&ops.c2d),
+                c.service_skipped,
+            ));
+        } else if ops.service_started_at_s.is_none()
+            && ["methods", "c2d"].iter().any(|k| !self.scenario["service"][k].is_null())
+        {
+            lines
+                .push("  service      did not start: not every device was ready (connected and subscribed)".to_owned());
         }
         if let Some(kib) = self.memory.per_device_kib {
             lines.push(format!(

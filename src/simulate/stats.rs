@@ -1,5 +1,5 @@
 //! What a run measures, shared by every device task: counters, latency histograms and the
-//! per-second timeline.
+//! connect storm's window (the per-second timeline made from them is [`super::timeline`]).
 //!
 //! Counters are atomics bumped with `Relaxed` ordering (each is read on its own; nothing is
 //! inferred from the order of two counters). Latencies go into `hdrhistogram` histograms
@@ -43,12 +43,18 @@ pub enum ErrorKind {
     TwinRejected,
     /// A PUBACK for a packet id that was not in flight.
     UnexpectedAck,
-    /// An HTTPS device request answered with an unexpected status (`--transport https`).
+    /// An HTTPS request answered with an unexpected status: a device's (`--transport https`) or
+    /// the service's (REST method call or C2D send, with the hub's `iothub-errorcode`).
     HttpStatus,
+    /// A direct method not answered within its response timeout (the hub's 504, or no answer
+    /// on the raw service's response topic).
+    MethodTimeout,
+    /// A direct method answered with a status other than 200.
+    MethodFailed,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::TcpConnect,
         ErrorKind::Tls,
         ErrorKind::ConnackRefused,
@@ -60,6 +66,8 @@ impl ErrorKind {
         ErrorKind::TwinRejected,
         ErrorKind::UnexpectedAck,
         ErrorKind::HttpStatus,
+        ErrorKind::MethodTimeout,
+        ErrorKind::MethodFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +83,8 @@ impl ErrorKind {
             ErrorKind::TwinRejected => "twin_rejected",
             ErrorKind::UnexpectedAck => "unexpected_ack",
             ErrorKind::HttpStatus => "http_status",
+            ErrorKind::MethodTimeout => "method_timeout",
+            ErrorKind::MethodFailed => "method_failed",
         }
     }
 }
@@ -103,6 +113,18 @@ pub struct Counters {
     pub methods_answered: AtomicU64,
     /// Cloud-to-device messages received (QoS 1 ones completed with PUBACK).
     pub c2d_received: AtomicU64,
+    /// Service side: direct-method calls made (`--method-rate`, `--method-in-flight`).
+    pub methods_called: AtomicU64,
+    /// Calls answered with status 200 by their device.
+    pub methods_succeeded: AtomicU64,
+    /// Service side: C2D messages sent (`--c2d-rate`, `--c2d-in-flight`).
+    pub c2d_sent: AtomicU64,
+    /// Sends the hub answered 204 (durable in the device's queue) or the broker PUBACKed.
+    pub c2d_accepted: AtomicU64,
+    /// This run's service messages among `c2d_received`.
+    pub c2d_delivered: AtomicU64,
+    /// Service operations not made at their time: the window was full or no device was ready.
+    pub service_skipped: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -119,6 +141,12 @@ pub struct Snapshot {
     pub twin_acked: u64,
     pub methods_answered: u64,
     pub c2d_received: u64,
+    pub methods_called: u64,
+    pub methods_succeeded: u64,
+    pub c2d_sent: u64,
+    pub c2d_accepted: u64,
+    pub c2d_delivered: u64,
+    pub service_skipped: u64,
     pub errors: u64,
     /// Devices connected at that moment.
     pub online: u64,
@@ -131,11 +159,36 @@ struct Latencies {
     ack_interval: Histogram<u64>,
     connect: Histogram<u64>,
     twin: Histogram<u64>,
+    method: Histogram<u64>,
+    c2d: Histogram<u64>,
+}
+
+/// The connect storm: each device's first connection, from the first CONNECT written to the
+/// CONNACK that brought the last device online for the first time (µs since [`Stats::new`]).
+struct Storm {
+    first_connect_us: AtomicU64,
+    last_first_connack_us: AtomicU64,
+    devices: AtomicU64,
+}
+
+/// The connect storm's figures: devices connected, the window, and their quotient.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectStorm {
+    /// Devices that connected at least once.
+    pub devices: u64,
+    /// Seconds from the first CONNECT written to the last first CONNACK read.
+    pub window_s: f64,
+    pub per_s: f64,
 }
 
 /// Everything measured, shared (in an `Arc`) by the device tasks, the ticker and the report.
 pub struct Stats {
     pub counters: Counters,
+    /// What the latencies and the storm's times are measured from.
+    epoch: Instant,
+    storm: Storm,
+    /// µs since `epoch` when the service load began; `u64::MAX` before.
+    service_started_us: AtomicU64,
     online: AtomicI64,
     /// QoS 1 telemetry and twin PATCHes written and not yet answered, over the fleet.
     awaiting: AtomicI64,
@@ -161,6 +214,13 @@ impl Stats {
     pub fn new() -> Self {
         Self {
             counters: Counters::default(),
+            epoch: Instant::now(),
+            storm: Storm {
+                first_connect_us: AtomicU64::new(u64::MAX),
+                last_first_connack_us: AtomicU64::new(0),
+                devices: AtomicU64::new(0),
+            },
+            service_started_us: AtomicU64::new(u64::MAX),
             online: AtomicI64::new(0),
             awaiting: AtomicI64::new(0),
             peak_online: AtomicU64::new(0),
@@ -172,6 +232,8 @@ impl Stats {
                 ack_interval: histogram(),
                 connect: histogram(),
                 twin: histogram(),
+                method: histogram(),
+                c2d: histogram(),
             }),
         }
     }
@@ -186,6 +248,45 @@ impl Stats {
         let now = self.online.fetch_add(1, Relaxed) + 1;
         self.peak_online.fetch_max(u64::try_from(now).unwrap_or(0), Relaxed);
         self.with_latencies(|l| l.connect.saturating_record(micros(took)));
+    }
+
+    /// A device wrote a CONNECT.
+    pub fn connect_sent(&self) {
+        self.storm.first_connect_us.fetch_min(self.since_epoch_us(), Relaxed);
+    }
+
+    /// A device got the CONNACK of its first connection of the run.
+    pub fn first_connected(&self) {
+        self.storm.devices.fetch_add(1, Relaxed);
+        self.storm.last_first_connack_us.fetch_max(self.since_epoch_us(), Relaxed);
+    }
+
+    /// The connect storm so far; `None` before a device connected.
+    pub fn connect_storm(&self) -> Option<ConnectStorm> {
+        let devices = self.storm.devices.load(Relaxed);
+        let first = self.storm.first_connect_us.load(Relaxed);
+        let last = self.storm.last_first_connack_us.load(Relaxed);
+        storm_figures(devices, first, last)
+    }
+
+    /// The service load begins now.
+    pub fn service_started(&self) {
+        self.service_started_us.store(self.since_epoch_us(), Relaxed);
+    }
+
+    /// Seconds since [`Stats::new`] when the service load began.
+    pub fn service_started_at(&self) -> Option<f64> {
+        let us = self.service_started_us.load(Relaxed);
+        (us != u64::MAX).then(|| us as f64 / 1e6)
+    }
+
+    /// When the stats began: the start of the run.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    fn since_epoch_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
     }
 
     /// An HTTPS device got its first answer: counted as connected, with no connect latency
@@ -211,9 +312,12 @@ impl Stats {
         self.awaiting.fetch_sub(n as i64, Relaxed);
     }
 
-    /// Messages still waiting for an answer over the fleet.
+    /// Messages still waiting for an answer over the fleet, and this run's accepted C2D
+    /// messages no device has received yet.
     pub fn awaiting(&self) -> u64 {
-        u64::try_from(self.awaiting.load(Relaxed)).unwrap_or(0)
+        let c = &self.counters;
+        let undelivered = c.c2d_accepted.load(Relaxed).saturating_sub(c.c2d_delivered.load(Relaxed));
+        u64::try_from(self.awaiting.load(Relaxed)).unwrap_or(0) + undelivered
     }
 
     pub fn online(&self) -> u64 {
@@ -232,6 +336,18 @@ impl Stats {
     pub fn twin_acked(&self, latency: Duration) {
         self.counters.twin_acked.fetch_add(1, Relaxed);
         self.with_latencies(|l| l.twin.saturating_record(micros(latency)));
+    }
+
+    /// A direct-method call answered 200, `latency` after it was made (as the service sees it).
+    pub fn method_succeeded(&self, latency: Duration) {
+        self.counters.methods_succeeded.fetch_add(1, Relaxed);
+        self.with_latencies(|l| l.method.saturating_record(micros(latency)));
+    }
+
+    /// One of this run's C2D messages reached its device, `latency` after it was sent.
+    pub fn c2d_delivered(&self, latency: Duration) {
+        self.counters.c2d_delivered.fetch_add(1, Relaxed);
+        self.with_latencies(|l| l.c2d.saturating_record(micros(latency)));
     }
 
     /// Counts a failure; keeps its text as an example when it is new and there is room.
@@ -273,6 +389,12 @@ impl Stats {
             twin_acked: c.twin_acked.load(Relaxed),
             methods_answered: c.methods_answered.load(Relaxed),
             c2d_received: c.c2d_received.load(Relaxed),
+            methods_called: c.methods_called.load(Relaxed),
+            methods_succeeded: c.methods_succeeded.load(Relaxed),
+            c2d_sent: c.c2d_sent.load(Relaxed),
+            c2d_accepted: c.c2d_accepted.load(Relaxed),
+            c2d_delivered: c.c2d_delivered.load(Relaxed),
+            service_skipped: c.service_skipped.load(Relaxed),
             errors: self.errors.iter().map(|e| e.load(Relaxed)).sum(),
             online: self.online(),
             peak_online: self.peak_online.load(Relaxed),
@@ -299,19 +421,21 @@ impl Stats {
         self.error_samples.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whole-run latency summaries: telemetry acks, connects, twin PATCHes.
+    /// Whole-run latency summaries: telemetry acks, connects, twin PATCHes, method calls, C2D.
     pub fn latency_summaries(&self) -> LatencyReport {
         let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         LatencyReport {
             ack: Summary::of(&l.ack),
             connect: Summary::of(&l.connect),
             twin: Summary::of(&l.twin),
+            method: Summary::of(&l.method),
+            c2d: Summary::of(&l.c2d),
             ack_histogram: buckets(&l.ack),
         }
     }
 
     /// Percentiles of the acks since the previous call (p50, p99 in ms), then starts afresh.
-    fn take_interval(&self) -> (Option<f64>, Option<f64>) {
+    pub(super) fn take_interval(&self) -> (Option<f64>, Option<f64>) {
         let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         let h = &mut l.ack_interval;
         let result = if h.is_empty() {
@@ -322,6 +446,16 @@ impl Stats {
         h.reset();
         result
     }
+}
+
+/// `devices` connected between `first_us` and `last_us`: the storm's window and rate.
+fn storm_figures(devices: u64, first_us: u64, last_us: u64) -> Option<ConnectStorm> {
+    if devices == 0 || first_us == u64::MAX {
+        return None;
+    }
+    // One device alone has a window of its own connect; never divide by less than 1 µs.
+    let window_s = last_us.saturating_sub(first_us).max(1) as f64 / 1e6;
+    Some(ConnectStorm { devices, window_s, per_s: devices as f64 / window_s })
 }
 
 fn micros(d: Duration) -> u64 {
@@ -389,58 +523,14 @@ pub struct LatencyReport {
     pub ack: Option<Summary>,
     /// TCP connect → CONNACK (TLS handshake included).
     pub connect: Option<Summary>,
-    /// Reported PATCH → `$iothub/twin/res/204`.
+    /// Reported PATCH → `$iothub/twin/res/204` (raw: twin request → the responder's answer).
     pub twin: Option<Summary>,
+    /// Direct-method call → answer, at the service (REST request → response; raw: request
+    /// PUBLISH written → answer read).
+    pub method: Option<Summary>,
+    /// C2D send (service) → received by the device.
+    pub c2d: Option<Summary>,
     pub ack_histogram: Vec<Bucket>,
-}
-
-/// One point of the timeline: rates over the second before `t_s`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sample {
-    /// Seconds since the run started.
-    pub t_s: f64,
-    /// Seconds this sample covers (about 1; the last one of a run can be shorter).
-    pub span_s: f64,
-    pub online: u64,
-    pub sent_per_s: f64,
-    pub acked_per_s: f64,
-    pub errors_per_s: f64,
-    pub ack_p50_ms: Option<f64>,
-    pub ack_p99_ms: Option<f64>,
-}
-
-/// Turns successive snapshots into timeline samples.
-pub struct Sampler {
-    started: Instant,
-    last: Snapshot,
-    last_at: Instant,
-}
-
-impl Sampler {
-    pub fn new(started: Instant) -> Self {
-        Self { started, last: Snapshot::default(), last_at: started }
-    }
-
-    pub fn sample(&mut self, stats: &Stats) -> (Sample, Snapshot) {
-        let now = Instant::now();
-        let snap = stats.snapshot();
-        let secs = now.duration_since(self.last_at).as_secs_f64().max(1e-3);
-        let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
-        let (p50, p99) = stats.take_interval();
-        let sample = Sample {
-            t_s: now.duration_since(self.started).as_secs_f64(),
-            span_s: secs,
-            online: snap.online,
-            sent_per_s: rate(snap.telemetry_sent, self.last.telemetry_sent),
-            acked_per_s: rate(snap.telemetry_acked, self.last.telemetry_acked),
-            errors_per_s: rate(snap.errors, self.last.errors),
-            ack_p50_ms: p50,
-            ack_p99_ms: p99,
-        };
-        self.last = snap;
-        self.last_at = now;
-        (sample, snap)
-    }
 }
 
 #[cfg(test)]
@@ -475,5 +565,24 @@ mod tests {
         assert_eq!(codes, [(5, 2)]);
         assert_eq!(stats.error_samples(), ["connack_refused: CONNACK return code 5", "io: reset"]);
         assert_eq!(stats.snapshot().errors, 3);
+    }
+
+    #[test]
+    fn the_connect_storm_spans_first_connect_to_last_first_connack() {
+        assert!(storm_figures(0, u64::MAX, 0).is_none());
+        let storm = storm_figures(10_000, 250_000, 2_250_000).expect("a storm");
+        assert_eq!((storm.devices, storm.window_s, storm.per_s), (10_000, 2.0, 5_000.0));
+        assert_eq!(storm_figures(1, 7, 7).map(|s| s.window_s), Some(1e-6));
+    }
+
+    #[test]
+    fn undelivered_c2d_messages_are_awaited() {
+        let stats = Stats::new();
+        Stats::add(&stats.counters.c2d_accepted, 3);
+        stats.c2d_delivered(Duration::from_millis(2));
+        assert_eq!(stats.awaiting(), 2);
+        stats.awaiting_answers(1);
+        assert_eq!(stats.awaiting(), 3);
+        assert_eq!(stats.latency_summaries().c2d.map(|s| s.count), Some(1));
     }
 }

@@ -2,200 +2,27 @@
 //! (`--scenario FILE`, keys spelled as the flags: `connect-rate = 500`) and from flags — a flag
 //! wins over the file — checked and resolved with its defaults into a [`Scenario`].
 //!
-//! [`ScenarioOptions`] is both the flags (clap) and the file (serde): one list of settings, so
-//! the two cannot drift apart. Every field is optional there; defaults are applied once, in
-//! [`Scenario::resolve`], and each flag's help names its default.
+//! [`ScenarioOptions`] ([`options`]) is both the flags (clap) and the file (serde): one list of
+//! settings, so the two cannot drift apart. Every field is optional there; defaults are applied
+//! once, in [`Scenario::resolve`], and each flag's help names its default.
+
+mod options;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Args;
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use ntex_mqtt::v3::codec::QoS;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub use options::{ScenarioOptions, Seconds, SimulateArgs};
+
 use super::payload::{PayloadTemplate, parse_properties};
+use super::service::{Load, ServiceLoad};
 use super::system::parse_source_addrs;
-
-/// `iothubd simulate`: simulated devices against a hub (or, with `--raw`, any MQTT broker).
-#[derive(Debug, Clone, Default, Args)]
-pub struct SimulateArgs {
-    /// A TOML file with the scenario's settings, keys named as the flags (`connect-rate = 500`);
-    /// flags given on the command line win over it.
-    #[arg(long)]
-    pub scenario: Option<PathBuf>,
-    /// Boxed: the settings are many and the command enum holds this by value.
-    #[command(flatten)]
-    pub options: Box<ScenarioOptions>,
-}
-
-/// Every setting of a run; `None` = not given here (the file, then the default decides).
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct ScenarioOptions {
-    /// Simulated devices in the whole run, over all shards [default: 100].
-    #[arg(long)]
-    pub devices: Option<u32>,
-    /// Device IDs are this prefix and the device's index: sim-0, sim-1, … [default: sim-].
-    #[arg(long)]
-    pub device_prefix: Option<String>,
-    /// Secret the device keys are derived from (HMAC-SHA256(seed, device id)), so a rerun with
-    /// the same seed needs no provisioning [default: iothubd-simulate].
-    #[arg(long)]
-    pub seed: Option<String>,
-    /// New connections per second over the fleet, reconnects included [default: 500].
-    #[arg(long)]
-    pub connect_rate: Option<f64>,
-    /// Telemetry messages per second per device; fractional is fine (0.1 = one every 10 s),
-    /// 0 = no telemetry (idle devices) [default: 1].
-    #[arg(long)]
-    pub rate: Option<f64>,
-    /// QoS of telemetry: 0 or 1 [default: 1].
-    #[arg(long)]
-    pub qos: Option<u8>,
-    /// Telemetry body size in bytes: a JSON object with the device, sequence number, time and
-    /// padding [default: 256]. Ignored with --payload-template.
-    #[arg(long)]
-    pub payload_size: Option<usize>,
-    /// Telemetry body with `{device}`, `{seq}` and `{ts}` (Unix ms) replaced per message,
-    /// e.g. '{"temp":21.5,"seq":{seq}}'.
-    #[arg(long)]
-    pub payload_template: Option<String>,
-    /// Message properties on every telemetry message, `k=v,k2=v2`; system properties by their
-    /// MQTT names (`$.ct=application/json,$.ce=utf-8`). Not sent in --raw mode.
-    #[arg(long)]
-    pub properties: Option<String>,
-    /// How long to run: 90, 90s, 5m, 1h [default: 60s]. Ctrl-C ends it early (the report is
-    /// still written).
-    #[arg(long)]
-    pub duration: Option<Seconds>,
-    /// Reported-property PATCHes per second per device (fractional; 0 = none) [default: 0].
-    #[arg(long)]
-    pub twin_rate: Option<f64>,
-    /// Reconnects per second over the fleet: a random connected device disconnects and
-    /// connects again [default: 0].
-    #[arg(long)]
-    pub churn: Option<f64>,
-    /// Saturation mode: keep this many telemetry PUBLISHes unacknowledged per device, sending
-    /// the next as each PUBACK arrives (--rate is then ignored; needs QoS 1).
-    #[arg(long)]
-    pub in_flight: Option<u32>,
-    /// MQTT keep-alive in seconds [default: 60].
-    #[arg(long)]
-    pub keep_alive: Option<u16>,
-    /// What devices subscribe to: `methods` (answered with 200), `c2d` (completed), both
-    /// comma-separated, or `none` [default: methods,c2d]. Twin responses are subscribed when
-    /// --twin-rate > 0.
-    #[arg(long)]
-    pub subscribe: Option<String>,
-    /// How devices talk to the hub: `mqtt`, or `https` (telemetry by `POST …/messages/events`,
-    /// C2D by polling `GET …/messages/deviceBound` at most once a second; no twin, methods or
-    /// churn) to the --https endpoint [default: mqtt].
-    #[arg(long)]
-    pub transport: Option<String>,
-    /// MQTT endpoint host:port [default: 127.0.0.1:8883 (TLS); with --raw 127.0.0.1:1883].
-    #[arg(long)]
-    pub mqtt: Option<String>,
-    /// Plain MQTT (no TLS) to the hub's development port (ports.mqtt_plain); needs --mqtt.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub plain: Option<bool>,
-    /// Raw mode: plain MQTT to any broker (client id sim-{i}, topic sim/{i}/events, no SAS,
-    /// no provisioning, no twin/methods/C2D), to measure another broker on the same workload.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub raw: Option<bool>,
-    /// Local addresses to connect from, round-robin: a range 127.0.0.1-127.0.0.8 or a list
-    /// a,b,c. Each address has its own ephemeral ports [default: chosen when one address'
-    /// ports are not enough for a loopback target].
-    #[arg(long)]
-    pub source_addrs: Option<String>,
-    /// The hub's connection string (a policy with RegistryWrite, e.g. iothubowner) for
-    /// provisioning and its host name [default: read from the hub's operator API with
-    /// DATA_DIR/operator.key].
-    #[arg(long, env = "IOTHUB_CONNECTION_STRING", hide_env_values = true)]
-    pub connection_string: Option<String>,
-    /// The hub's HTTPS endpoint host:port for provisioning [default: 127.0.0.1:443, then 8443].
-    #[arg(long)]
-    pub https: Option<String>,
-    /// The hub's data directory: the dev CA and the operator key [default: ./iothubd-data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// CA certificate to trust for HTTPS and MQTT over TLS [default: DATA_DIR/tls/ca.pem].
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// Hub name to look up through the operator API when no connection string is given
-    /// [default: the only hub, or myhub].
-    #[arg(long)]
-    pub hub: Option<String>,
-    /// Do not bulk-import the devices (they exist from a run with the same seed and prefix).
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub skip_provision: Option<bool>,
-    /// Run only shard i of N (1-based): devices [(i-1)·D/N, i·D/N) of the D devices, so a run
-    /// larger than one process' open-file limit is split over N processes.
-    #[arg(long)]
-    pub shard: Option<String>,
-    /// Where report.json and report.html go [default: ./simulate-report].
-    #[arg(long)]
-    pub report_dir: Option<PathBuf>,
-    /// No live progress lines (the summary and the reports are still written).
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub quiet: Option<bool>,
-}
-
-/// A duration in seconds, written `90`, `90s`, `500ms`, `5m` or `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(into = "f64")]
-pub struct Seconds(pub f64);
-
-impl From<Seconds> for f64 {
-    fn from(s: Seconds) -> f64 {
-        s.0
-    }
-}
-
-impl FromStr for Seconds {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-            Some(i) => s.split_at(i),
-            None => (s, "s"),
-        };
-        let n: f64 = number.trim().parse().map_err(|_| format!("'{s}' is not a duration like 90s, 5m or 1h"))?;
-        let factor = match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("'{s}': the unit must be ms, s, m or h")),
-        };
-        let secs = n * factor;
-        if !secs.is_finite() || secs <= 0.0 {
-            return Err(format!("'{s}' must be a positive duration"));
-        }
-        Ok(Seconds(secs))
-    }
-}
-
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(f64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Seconds::from_str(&n.to_string()).map_err(serde::de::Error::custom),
-            Raw::Text(t) => Seconds::from_str(&t).map_err(serde::de::Error::custom),
-        }
-    }
-}
 
 /// Azure IoT Hub devices, or plain MQTT clients of any broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +89,9 @@ pub struct Scenario {
     pub property_bag: String,
     pub duration: Duration,
     pub twin_rate: f64,
+    pub twin_in_flight: Option<u32>,
+    /// What the service does to the devices (methods, C2D).
+    pub service: ServiceLoad,
     pub churn: f64,
     pub in_flight: Option<u32>,
     pub keep_alive: u16,
@@ -366,6 +196,9 @@ impl Scenario {
             if o.twin_rate.is_some_and(|r| r > 0.0) {
                 refuse("--twin-rate")?;
             }
+            if o.twin_in_flight.is_some() {
+                refuse("--twin-in-flight")?;
+            }
             if methods {
                 refuse("--subscribe methods")?;
             }
@@ -375,6 +208,21 @@ impl Scenario {
             if qos == QoS::AtMostOnce {
                 bail!("--qos 0 does not apply to --transport https: every HTTPS message is acknowledged (204)");
             }
+        }
+        let service = ServiceLoad {
+            methods: Load::of("method", o.method_rate, o.method_in_flight)?,
+            c2d: Load::of("c2d", o.c2d_rate, o.c2d_in_flight)?,
+        };
+        if service.methods.is_on() && !methods {
+            bail!("--method-rate / --method-in-flight need devices that answer: add methods to --subscribe");
+        }
+        if service.c2d.is_on() && !c2d {
+            bail!("--c2d-rate / --c2d-in-flight need devices that receive: add c2d to --subscribe");
+        }
+        if let Some(n) = o.twin_in_flight
+            && (n == 0 || n > 10_000)
+        {
+            bail!("--twin-in-flight must be between 1 and 10000");
         }
         let plain = o.plain.unwrap_or(false) || mode == Mode::Raw;
         let mqtt = match (o.mqtt, mode, plain) {
@@ -401,6 +249,8 @@ impl Scenario {
             property_bag: properties,
             duration: Duration::from_secs_f64(o.duration.map_or(60.0, |s| s.0)),
             twin_rate: rate_flag("twin-rate", o.twin_rate, 0.0)?,
+            twin_in_flight: o.twin_in_flight,
+            service,
             churn: rate_flag("churn", o.churn, 0.0)?,
             in_flight: o.in_flight,
             keep_alive,
@@ -442,9 +292,15 @@ impl Scenario {
             "property_bag": self.property_bag,
             "duration_s": self.duration.as_secs_f64(),
             "twin_rate": self.twin_rate,
+            "twin_in_flight": self.twin_in_flight,
+            "service": { "methods": self.service.methods.describe(), "c2d": self.service.c2d.describe() },
             "churn": self.churn,
             "keep_alive_s": self.keep_alive,
-            "subscribe": { "methods": self.methods, "c2d": self.c2d, "twin": self.twin_rate > 0.0 },
+            "subscribe": {
+                "methods": self.methods,
+                "c2d": self.c2d,
+                "twin": self.twin_rate > 0.0 || self.twin_in_flight.is_some(),
+            },
             "provisioned": self.provision,
         })
     }
@@ -466,15 +322,6 @@ fn parse_subscribe(text: &str) -> anyhow::Result<(bool, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_take_units() {
-        assert_eq!("90".parse::<Seconds>(), Ok(Seconds(90.0)));
-        assert_eq!("1.5m".parse::<Seconds>(), Ok(Seconds(90.0)));
-        assert_eq!("500ms".parse::<Seconds>(), Ok(Seconds(0.5)));
-        assert!("-1".parse::<Seconds>().is_err());
-        assert!("3 days".parse::<Seconds>().is_err());
-    }
 
     #[test]
     fn shards_split_the_devices_without_gaps() {
@@ -532,5 +379,24 @@ mod tests {
         assert!(bad(ScenarioOptions { transport: Some("amqp".into()), ..Default::default() }).contains("--transport"));
         let s = Scenario::resolve(https()).expect("https alone is valid");
         assert_eq!((s.transport, s.methods, s.c2d), (DeviceTransport::Https, false, true));
+        assert!(bad(ScenarioOptions { twin_in_flight: Some(1), ..https() }).contains("--twin-in-flight"));
+    }
+
+    #[test]
+    fn service_load_needs_the_devices_to_subscribe() {
+        let bad = |o: ScenarioOptions| Scenario::resolve(o).expect_err("refused").to_string();
+        let only = |what: &str| ScenarioOptions { subscribe: Some(what.into()), ..Default::default() };
+        assert!(bad(ScenarioOptions { method_rate: Some(10.0), ..only("c2d") }).contains("add methods"));
+        assert!(bad(ScenarioOptions { c2d_in_flight: Some(8), ..only("methods") }).contains("add c2d"));
+        assert!(bad(ScenarioOptions { twin_in_flight: Some(0), ..Default::default() }).contains("--twin-in-flight"));
+        let raw = ScenarioOptions {
+            raw: Some(true),
+            method_rate: Some(100.0),
+            c2d_in_flight: Some(64),
+            ..only("methods,c2d")
+        };
+        let s = Scenario::resolve(raw).expect("raw service load is valid");
+        assert_eq!(s.service, ServiceLoad { methods: Load::Rate(100.0), c2d: Load::InFlight(64) });
+        assert_eq!(s.describe()["service"]["c2d"]["in_flight"], 64);
     }
 }
