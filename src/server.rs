@@ -1,5 +1,6 @@
 //! Boots the hub: the actix System (one Arbiter per core, actors, actix-web) on one thread and
-//! the ntex System (the MQTT listeners; AMQP next) on another (DESIGN.md §1, §10).
+//! the MQTT workers, one thread per core (`mqtt::listener`; see ARCHITECTURE.md for why not the
+//! ntex System of DESIGN.md §1, §10).
 //!
 //! [`start`] returns once every listener is bound; [`Server::shutdown`] stops accepting,
 //! finishes in-flight requests, stops the actors and closes (flushes) the store.
@@ -118,6 +119,22 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     }
 }
 
+/// Connections the kernel queues for a listener before it accepts them. The standard library's
+/// 128 overflows when thousands of devices reconnect at once (a hub restart, a load test's
+/// connect storm), and an overflowed SYN is only retried a second later.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, so a restarted
+/// hub binds again while old connections linger in TIME_WAIT).
+fn bind(addr: impl Into<SocketAddr>) -> std::io::Result<TcpListener> {
+    let addr = addr.into();
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Binds `port`, or — when that is not permitted (a privileged port, unprivileged user) —
 /// `fallback`, returning why it fell back.
 fn bind_with_fallback(
@@ -125,15 +142,14 @@ fn bind_with_fallback(
     port: u16,
     fallback: u16,
 ) -> anyhow::Result<(TcpListener, Option<String>)> {
-    match TcpListener::bind((addr, port)) {
+    match bind((addr, port)) {
         Ok(l) => Ok((l, None)),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && fallback != 0 => {
             let why = format!(
                 "HTTPS port {port} needs privileges ({e}); serving HTTPS on {fallback} instead. SDKs dial 443: run \
                  with --https-port, or `sudo setcap cap_net_bind_service=+ep $(which iothubd)`"
             );
-            let l =
-                TcpListener::bind((addr, fallback)).with_context(|| format!("cannot bind HTTPS port {fallback}"))?;
+            let l = bind((addr, fallback)).with_context(|| format!("cannot bind HTTPS port {fallback}"))?;
             Ok((l, Some(why)))
         }
         Err(e) => Err(e).with_context(|| format!("cannot bind HTTPS port {port}")),
@@ -144,7 +160,7 @@ fn bind_optional(addr: std::net::IpAddr, port: u16, what: &str) -> anyhow::Resul
     if port == 0 {
         return Ok(None);
     }
-    TcpListener::bind((addr, port)).map(Some).with_context(|| format!("cannot bind {what} port {port}"))
+    bind((addr, port)).map(Some).with_context(|| format!("cannot bind {what} port {port}"))
 }
 
 async fn run(
@@ -169,14 +185,14 @@ async fn run(
     let tls = tls::setup(&cfg.tls, &cfg.data_dir, is_hub_host)?;
 
     // MQTT on the ntex System (DESIGN.md §1): TLS always, plain only when configured.
-    let mqtts = TcpListener::bind((cfg.listen.address, cfg.ports.mqtts))
+    let mqtts = bind((cfg.listen.address, cfg.ports.mqtts))
         .with_context(|| format!("cannot bind MQTTS port {}", cfg.ports.mqtts))?;
     let mqtts_addr = mqtts.local_addr()?;
     let mqtt_plain = bind_optional(cfg.listen.address, cfg.ports.mqtt_plain, "plain MQTT")?;
     let mqtt_plain_addr = mqtt_plain.as_ref().map(TcpListener::local_addr).transpose()?;
     let mqtt_ctx = Arc::new(MqttContext::new(deployment.clone(), Ingest::new(store.clone())));
     // WebSocket sessions on the HTTPS port are bridged to this loopback-only listener.
-    let bridge = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("cannot bind the MQTT bridge")?;
+    let bridge = bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("cannot bind the MQTT bridge")?;
     let bridge_addr = bridge.local_addr()?;
     let mqtt = mqtt::listener::start(mqtt_ctx, (mqtts, tls.server_config.clone()), mqtt_plain, bridge, cores)?;
 
