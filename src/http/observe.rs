@@ -58,8 +58,10 @@ pub async fn track(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
     let res = next.call(req).await?;
+    // After routing: the request remembers the resource it matched, so this is a lookup. Before
+    // it, it matched the path against every pattern again (a regex each).
+    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
     let status = res.status().as_u16().to_string();
     metrics::counter!("iothubd_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
         .increment(1);
