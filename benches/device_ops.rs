@@ -10,13 +10,14 @@
 //! - **methods**: direct-method calls paced at 1,000/s over random devices, each answered by its
 //!   device at once; round-trip p50 / p99 as the service sees it (HTTPS request to response).
 //! - **C2D fan-out**: three messages per device sent through the REST send; deliveries
-//!   (PUBLISH, PUBACKed) per second, from the first send to the last delivery.
+//!   (PUBLISH, PUBACKed) per second, from the first send to the last delivery. Then the same
+//!   through the batch send (`POST /messages/deviceBound`, 250 messages a request, 8 in flight).
 //!
 //! Hub CPU µs per operation comes from `/proc`. Load generator and hub share the machine.
 //!
 //! Run: `cargo build --release --bin iothubd && cargo bench --bench device_ops`
 //! (`IOTHUBD_BENCH_DEVICES`, `IOTHUBD_BENCH_SECONDS`, `IOTHUBD_BENCH_METHOD_RATE` to change the size;
-//! `IOTHUBD_BENCH_ONLY=twin,desired,methods,c2d` to run some workloads).
+//! `IOTHUBD_BENCH_ONLY=twin,desired,methods,c2d,c2d-batch` to run some workloads).
 
 mod common;
 
@@ -36,6 +37,10 @@ use tokio::sync::mpsc;
 const HOST: &str = "bench.azure-devices.net";
 /// Service requests in flight.
 const CONCURRENCY: usize = 64;
+/// Messages per batch send (`POST /messages/deviceBound`) in the batched fan-out, and batches
+/// in flight.
+const C2D_BATCH: usize = 250;
+const C2D_BATCHES_IN_FLIGHT: usize = 8;
 
 #[derive(Default)]
 struct Counters {
@@ -319,6 +324,48 @@ fn main() {
             println!(
                 "{:<20} {:>14.0} {:>14.1} {:>24}",
                 "C2D fan-out",
+                got as f64 / elapsed,
+                cpu as f64 / got as f64,
+                format!("(sends {:.0}/s)", total as f64 / sent_in)
+            );
+        }
+        if run("c2d-batch") {
+            let per_device = 3;
+            let total = devices * per_device;
+            let (seen, cpu) = (counters.c2d.load(Ordering::Relaxed), cpu_micros(pid));
+            let started = Instant::now();
+            let batches: Vec<Vec<usize>> =
+                (0..total).collect::<Vec<_>>().chunks(C2D_BATCH).map(<[usize]>::to_vec).collect();
+            let sends = futures::stream::iter(batches)
+                .map(|batch| {
+                    let service = service.clone();
+                    async move {
+                        let messages: Vec<serde_json::Value> = batch
+                            .iter()
+                            .map(|k| {
+                                json!({ "deviceId": format!("bench-{}", k % devices), "messageId": k.to_string(),
+                                "body": format!("command {k}") })
+                            })
+                            .collect();
+                        let r = service
+                            .request(reqwest::Method::POST, "/messages/deviceBound")
+                            .json(&messages)
+                            .send()
+                            .await
+                            .expect("C2D batch send");
+                        assert!(r.status().is_success(), "C2D batch send: {}", r.status());
+                    }
+                })
+                .buffer_unordered(C2D_BATCHES_IN_FLIGHT)
+                .collect::<Vec<()>>();
+            sends.await;
+            let sent_in = started.elapsed().as_secs_f64();
+            let elapsed = until_count(&counters.c2d, seen + total as u64, started).await.as_secs_f64();
+            let got = counters.c2d.load(Ordering::Relaxed) - seen;
+            let cpu = cpu_micros(pid) - cpu;
+            println!(
+                "{:<20} {:>14.0} {:>14.1} {:>24}",
+                format!("C2D fan-out, {C2D_BATCH}/req"),
                 got as f64 / elapsed,
                 cpu as f64 / got as f64,
                 format!("(sends {:.0}/s)", total as f64 / sent_in)

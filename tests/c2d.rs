@@ -114,6 +114,69 @@ async fn https_device_receives_completes_and_the_service_reads_feedback() {
 }
 
 #[tokio::test]
+async fn a_batch_send_enqueues_each_identity_in_order_and_refuses_messages_alone() {
+    let hub = start();
+    let key = device_key(&hub, "b1").await;
+    device_key(&hub, "b2").await;
+    let batch = json!([
+        {"deviceId": "b1", "body": "first", "messageId": "m1", "ack": "full", "properties": {"Color": "red"}},
+        {"deviceId": "nobody", "body": "lost"},
+        {"deviceId": "b2", "bodyBase64": "AAEC", "contentType": "application/octet-stream"},
+        {"deviceId": "b1", "body": "second", "messageId": "bad id with spaces"},
+        {"deviceId": "b1", "body": "third", "messageId": "m3", "expiryTimeUtc": "2999-01-01T00:00:00Z"},
+    ]);
+    let r = hub.owner(Method::POST, "/messages/deviceBound").json(&batch).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["isSuccessful"], false);
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5, "one result per message, in request order");
+    assert!(results[0]["sequenceNumber"].is_u64());
+    assert_eq!(results[1]["errorCode"], "DeviceNotFound");
+    assert_eq!(results[1]["deviceId"], "nobody");
+    assert!(results[2]["sequenceNumber"].is_u64());
+    assert_eq!(results[3]["errorCode"], "ArgumentInvalid");
+    assert!(results[4]["sequenceNumber"].as_u64() > results[0]["sequenceNumber"].as_u64());
+
+    // b1 gets its two accepted messages in request order (tests/https_listener.rs reads the
+    // property names' case on the wire; reqwest shows header names lower-cased).
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let got =
+            device_request(&hub, Method::GET, "b1", &key, "/devices/b1/messages/deviceBound").send().await.unwrap();
+        assert_eq!(got.status(), StatusCode::OK);
+        let lock = lock_of(&got);
+        if header(&got, "iothub-messageid") == "m1" {
+            let names: Vec<&str> = got.headers().keys().map(|k| k.as_str()).collect();
+            assert!(names.contains(&"iothub-app-color"), "{names:?}");
+            assert_eq!(header(&got, "iothub-ack"), "full");
+        }
+        bodies.push(got.bytes().await.unwrap());
+        let path = format!("/devices/b1/messages/deviceBound/{lock}");
+        assert_eq!(device_request(&hub, Method::DELETE, "b1", &key, &path).send().await.unwrap().status(), 204);
+    }
+    assert_eq!(bodies, ["first", "third"]);
+
+    // Not an array, an empty one, one too many: the request is refused as a whole.
+    for bad in [json!({"deviceId": "b1"}), json!([]), Value::Array(vec![json!({"deviceId": "b1"}); 1001])] {
+        let r = hub.owner(Method::POST, "/messages/deviceBound").json(&bad).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(header(&r, "iothub-errorcode"), "ArgumentInvalid");
+    }
+    // A device token cannot send.
+    let token = sas::sign(&format!("{}/devices/b1", hub.host), &key, unix_now() + 600, None).unwrap();
+    let r = hub
+        .client
+        .post(hub.url("/messages/deviceBound?api-version=2021-04-12"))
+        .header("Authorization", token)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn reject_and_abandon_follow_the_queue_rules() {
     let hub = start();
     let key = device_key(&hub, "c2").await;

@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{TestHub, start, unix_now};
 use iothubd::auth::sas;
 use iothubd::server;
-use iothubd_actors::messages::{OutgoingC2d, SendC2d};
 use iothubd_actors::model::identity::{IdentityKey, generate_key};
 use reqwest::Method;
 use rustls_pki_types::ServerName;
@@ -110,16 +109,17 @@ async fn the_c_sdk_reads_content_type_encoding_and_properties_in_their_exact_cas
     assert!(!head.contains("x-verbatim"), "no marker leaves the process: {head}");
     assert_eq!(received, body.as_bytes());
 
-    // A property whose name has upper case, enqueued as the AMQP sender will (straight to the
-    // device's queue), arrives with that name.
-    let hub_handle = hub.server.deployment().directory().resolve(&hub.host).unwrap();
-    let message = OutgoingC2d {
-        content_type: Some("text/plain".into()),
-        properties: vec![("Color".into(), "blue".into()), ("size".into(), "L".into())],
-        body: b"x-verbatim-\r\nContentType: body".to_vec(),
-        ..Default::default()
-    };
-    hub_handle.shared.device(&IdentityKey::device("hc1")).send(SendC2d(Box::new(message))).await.unwrap().unwrap();
+    // A property whose name has upper case, sent through the batch send (JSON keeps the
+    // case), arrives with that name.
+    let batch = json!([{
+        "deviceId": "hc1",
+        "contentType": "text/plain",
+        "properties": {"Color": "blue", "size": "L"},
+        "body": "x-verbatim-\r\nContentType: body",
+    }]);
+    let sent = hub.owner(Method::POST, "/messages/deviceBound").json(&batch).send().await.unwrap();
+    assert_eq!(sent.status(), 200);
+    assert_eq!(sent.json::<Value>().await.unwrap()["isSuccessful"], true);
     // The first message is still locked: this receive gets the second.
     tls.write_all(receive_request(&hub, "hc1", &key).as_bytes()).await.unwrap();
     let (head, received) = response(&mut tls).await;

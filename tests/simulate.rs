@@ -391,6 +391,33 @@ async fn service_load_calls_methods_and_sends_c2d_through_the_hub_rest_api() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_c2d_sends_go_through_the_hub_batch_send_and_every_message_arrives() {
+    let mqtt_port = free_port();
+    let hub = start_with_plain_mqtt(mqtt_port);
+    let reports = tempfile::tempdir().expect("temp dir");
+    let options = ScenarioOptions {
+        devices: Some(12),
+        device_prefix: Some("bat-".into()),
+        rate: Some(0.0),
+        subscribe: Some("c2d".into()),
+        c2d_in_flight: Some(24),
+        c2d_batch: Some(6),
+        duration: Some(Seconds(2.0)),
+        ..hub_scenario(&hub, mqtt_port, reports.path())
+    };
+    let report = iothubd::simulate::run(Scenario::resolve(options).expect("valid")).await.expect("the run completes");
+    let c = &report.counts.totals;
+    assert_eq!(c.errors, 0, "{:?}", report.error_samples);
+    assert!(c.c2d_sent >= 24, "24 messages in flight, 6 a request: {}", c.c2d_sent);
+    assert_eq!(c.c2d_sent % 6, 0, "whole batches of 6 (the window is a multiple of the batch)");
+    assert_eq!(c.c2d_accepted, c.c2d_sent, "every batch answered 200 with every message durable");
+    assert_eq!(c.c2d_delivered, c.c2d_accepted, "every accepted message delivered");
+    assert_eq!(report.scenario["service"]["c2d_batch"], 6);
+    let refused = ScenarioOptions { c2d_batch: Some(1001), ..ScenarioOptions::default() };
+    assert!(Scenario::resolve(refused).is_err_and(|e| e.to_string().contains("--c2d-batch")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twin_storm_keeps_reported_patches_in_flight_and_the_hub_answers_each() {
     let mqtt_port = free_port();
     let hub = start_with_plain_mqtt(mqtt_port);

@@ -10,7 +10,8 @@
 //!   application properties. `204` once the message is durable, with `iothub-sequencenumber`;
 //!   `403` 403004 when the queue is full, `404` for an unknown identity, `413` over 64 KB.
 //!   Azure has no REST send (its SDKs send over AMQP, which iothubd's AMQP endpoint will serve
-//!   on the same queue); this one is iothubd's, shaped like the device API's headers.
+//!   on the same queue); this one is iothubd's, shaped like the device API's headers. Many
+//!   messages in one request: [`super::c2d_batch`].
 //! - `DELETE /devices/{id}/commands`: purge → `200 {"totalMessagesPurged":n,"deviceId","moduleId"}`.
 //! - `GET /messages/serviceBound/feedback`: `200` with a JSON array of feedback records
 //!   (`application/vnd.microsoft.iothub.feedback.json`) and the batch's lock token as a quoted
@@ -45,7 +46,7 @@ use super::header_case;
 use super::service::{ServiceCall, path_identity, path_segment};
 
 /// Largest C2D message body (device-protocol §5.4).
-const MAX_BODY: usize = 64 * 1024;
+pub(super) const MAX_BODY: usize = 64 * 1024;
 /// Lock of an HTTPS receive when the device asks for none (device-protocol §5.1).
 const DEFAULT_LOCK: Duration = Duration::from_secs(60);
 const FEEDBACK_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.feedback.json";
@@ -71,7 +72,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// The `{bound}` segment must name this API (`deviceBound` or `serviceBound`, any case).
-fn check_bound(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
+pub(super) fn check_bound(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
     match req.match_info().get("bound") {
         Some(bound) if bound.eq_ignore_ascii_case(expected) => Ok(()),
         _ => Err(ApiError::new(
@@ -82,12 +83,12 @@ fn check_bound(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
 }
 
 /// Characters allowed in message and correlation ids (device-protocol §5.4).
-fn valid_id(id: &str) -> bool {
+pub(super) fn valid_id(id: &str) -> bool {
     id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-:.+%_#*?!(),=@;$'".contains(c))
 }
 
 /// Characters allowed in C2D property names and values (device-protocol §5.4).
-fn valid_property_text(text: &str) -> bool {
+pub(super) fn valid_property_text(text: &str) -> bool {
     text.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
 }
 
@@ -165,7 +166,7 @@ async fn purge(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespo
     })))
 }
 
-fn actor_gone(_: actix::MailboxError) -> ApiError {
+pub(super) fn actor_gone(_: actix::MailboxError) -> ApiError {
     ApiError::new(ErrorCode::ServiceUnavailable, "the device actor is not running")
 }
 

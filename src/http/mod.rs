@@ -5,6 +5,8 @@
 //! - [`device`]: the HTTPS device API: telemetry, single and batch (device-protocol §3).
 //! - [`c2d`]: cloud-to-device: the service's send, purge and feedback; the device's receive,
 //!   complete, reject and abandon (device-protocol §3, service-api §8).
+//! - [`c2d_batch`]: `POST /messages/deviceBound`: cloud-to-device messages to many identities
+//!   in one request (beyond IoT Hub: the REST form of the SDKs' AMQP sender link).
 //! - [`registry`]: identity registry REST (service-api §3), bulk import included.
 //! - [`twins`]: service twin REST (service-api §4), through the device actors.
 //! - [`methods`]: direct methods (service-api §6), through the device actors.
@@ -20,6 +22,7 @@
 //! Handlers parse the wire and send messages to actors; they never write the store.
 
 pub mod c2d;
+pub mod c2d_batch;
 pub mod device;
 pub mod error;
 pub mod events;
@@ -61,6 +64,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     twins::configure(cfg);
     methods::configure(cfg);
     c2d::configure(cfg);
+    c2d_batch::configure(cfg);
     websocket::configure(cfg);
     events::configure(cfg);
 }

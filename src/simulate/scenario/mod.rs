@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 pub use options::{ScenarioOptions, Seconds, SimulateArgs};
 
 use super::payload::{PayloadTemplate, parse_properties};
-use super::service::{Load, ServiceLoad};
+use super::service::{Load, MAX_C2D_BATCH, ServiceLoad};
 use super::system::parse_source_addrs;
 
 /// Azure IoT Hub devices, or plain MQTT clients of any broker.
@@ -209,9 +209,14 @@ impl Scenario {
                 bail!("--qos 0 does not apply to --transport https: every HTTPS message is acknowledged (204)");
             }
         }
+        let c2d_batch = o.c2d_batch.unwrap_or(1);
+        if c2d_batch == 0 || c2d_batch as usize > MAX_C2D_BATCH {
+            bail!("--c2d-batch must be between 1 and {MAX_C2D_BATCH}");
+        }
         let service = ServiceLoad {
             methods: Load::of("method", o.method_rate, o.method_in_flight)?,
             c2d: Load::of("c2d", o.c2d_rate, o.c2d_in_flight)?,
+            c2d_batch: c2d_batch as usize,
         };
         if service.methods.is_on() && !methods {
             bail!("--method-rate / --method-in-flight need devices that answer: add methods to --subscribe");
@@ -293,7 +298,11 @@ impl Scenario {
             "duration_s": self.duration.as_secs_f64(),
             "twin_rate": self.twin_rate,
             "twin_in_flight": self.twin_in_flight,
-            "service": { "methods": self.service.methods.describe(), "c2d": self.service.c2d.describe() },
+            "service": {
+                "methods": self.service.methods.describe(),
+                "c2d": self.service.c2d.describe(),
+                "c2d_batch": self.service.c2d_batch,
+            },
             "churn": self.churn,
             "keep_alive_s": self.keep_alive,
             "subscribe": {
@@ -396,7 +405,7 @@ mod tests {
             ..only("methods,c2d")
         };
         let s = Scenario::resolve(raw).expect("raw service load is valid");
-        assert_eq!(s.service, ServiceLoad { methods: Load::Rate(100.0), c2d: Load::InFlight(64) });
+        assert_eq!(s.service, ServiceLoad { methods: Load::Rate(100.0), c2d: Load::InFlight(64), c2d_batch: 1 });
         assert_eq!(s.describe()["service"]["c2d"]["in_flight"], 64);
     }
 }

@@ -89,6 +89,11 @@ pub struct ScenarioOptions {
     /// broker's PUBACK), the next sent as one is: the C2D fan-out (--c2d-rate is then ignored).
     #[arg(long)]
     pub c2d_in_flight: Option<u32>,
+    /// Service side: C2D messages per send, each to its own device (hub: one POST
+    /// /messages/deviceBound, the batch send; raw mode: that many QoS 1 PUBLISHes written
+    /// together); --c2d-in-flight and --c2d-rate still count messages [default: 1].
+    #[arg(long)]
+    pub c2d_batch: Option<u32>,
     /// Reconnects per second over the fleet: a random connected device disconnects and
     /// connects again [default: 0].
     #[arg(long)]

@@ -3,7 +3,8 @@
 //! messages (`--c2d-rate`, `--c2d-in-flight`) — measured as the service and the devices see it.
 //!
 //! - Against a hub ([`rest`]): its REST API, `POST /twins/{id}/methods` and
-//!   `POST /devices/{id}/messages/deviceBound`, with a policy token of the connection string.
+//!   `POST /devices/{id}/messages/deviceBound` (or, with `--c2d-batch N`, the batch send
+//!   `POST /messages/deviceBound` of N messages), with a policy token of the connection string.
 //! - In raw mode ([`broker`]): an MQTT service client of the broker plays the hub's part,
 //!   publishing method requests and C2D messages to per-device topics and reading the answers
 //!   (the topics are in [`super::topics`]); a twin responder answers the devices' twin requests.
@@ -44,6 +45,8 @@ use super::device::while_running;
 use super::fleet::{Fleet, Phase};
 use super::stats::{ErrorKind, Stats};
 
+/// Most messages in one `--c2d-batch` (the hub's batch send takes up to 1,000).
+pub const MAX_C2D_BATCH: usize = 1000;
 /// Most operations of one kind outstanding in rate mode.
 pub const RATE_WINDOW: usize = 256;
 /// Largest `--*-in-flight`.
@@ -107,6 +110,8 @@ impl Load {
 pub struct ServiceLoad {
     pub methods: Load,
     pub c2d: Load,
+    /// C2D messages per send (1 = one request per message).
+    pub c2d_batch: usize,
 }
 
 impl ServiceLoad {
@@ -161,10 +166,16 @@ impl Backend {
         }
     }
 
-    fn send_c2d<'a>(&'a self, fleet: &'a Fleet, index: u32, stamp: Stamp) -> Operation<'a, ()> {
-        match self {
-            Backend::Rest(r) => r.send_c2d(fleet, index, stamp),
-            Backend::Broker(b) => b.send_c2d(index, stamp.body()),
+    /// Sends one message per `(device, stamp)`: one request when there are several (the
+    /// hub's batch send), or the PUBLISHes written together (raw mode); accepted when all are.
+    fn send_c2d<'a>(&'a self, fleet: &'a Fleet, messages: Vec<(u32, Stamp)>) -> Operation<'a, ()> {
+        match (self, messages.as_slice()) {
+            (Backend::Rest(r), [(index, stamp)]) => r.send_c2d(fleet, *index, *stamp),
+            (Backend::Rest(r), _) => r.send_c2d_batch(fleet, messages),
+            (Backend::Broker(b), _) => {
+                let sends: Vec<_> = messages.iter().map(|(index, stamp)| b.send_c2d(*index, stamp.body())).collect();
+                Box::pin(async move { futures::future::try_join_all(sends).await.map(|_| ()) })
+            }
         }
     }
 }
@@ -245,7 +256,8 @@ impl Kind {
 /// An answer to one operation.
 enum Done {
     Method(Result<Duration, Failure>),
-    C2d(Result<(), Failure>),
+    /// A send of this many C2D messages.
+    C2d(usize, Result<(), Failure>),
 }
 
 /// Runs the service load until the run closes: waits for every device to be ready, then makes
@@ -280,12 +292,19 @@ pub async fn run(fleet: Arc<Fleet>, load: ServiceLoad, backend: Backend) {
                 pending.push(Box::pin(async move { Done::Method(call.await) }));
             }
             let (targets, next_c2d) = c2d.targets(now, &fleet);
-            for index in targets {
-                seq += 1;
-                Stats::add(&stats.counters.c2d_sent, 1);
+            for batch in targets.chunks(load.c2d_batch) {
+                let messages: Vec<(u32, Stamp)> = batch
+                    .iter()
+                    .map(|&index| {
+                        seq += 1;
+                        (index, Stamp::now(fleet.run_id, seq))
+                    })
+                    .collect();
+                let count = messages.len();
+                Stats::add(&stats.counters.c2d_sent, count as u64);
                 stats.awaiting_answers(1);
-                let send = backend.send_c2d(&fleet, index, Stamp::now(fleet.run_id, seq));
-                pending.push(Box::pin(async move { Done::C2d(send.await) }));
+                let send = backend.send_c2d(&fleet, messages);
+                pending.push(Box::pin(async move { Done::C2d(count, send.await) }));
             }
             for at in [next, next_c2d].into_iter().flatten() {
                 wake_at = wake_at.min(at);
@@ -302,10 +321,10 @@ pub async fn run(fleet: Arc<Fleet>, load: ServiceLoad, backend: Backend) {
                             Err((kind, detail)) => stats.error(kind, || detail),
                         }
                     }
-                    Done::C2d(result) => {
-                        c2d.outstanding -= 1;
+                    Done::C2d(count, result) => {
+                        c2d.outstanding -= count;
                         match result {
-                            Ok(()) => Stats::add(&stats.counters.c2d_accepted, 1),
+                            Ok(()) => Stats::add(&stats.counters.c2d_accepted, count as u64),
                             Err((kind, detail)) => stats.error(kind, || detail),
                         }
                     }

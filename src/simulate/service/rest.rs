@@ -8,6 +8,8 @@
 //!   the device's 200. Its latency is the request's round trip.
 //! - A C2D send is `POST /devices/{id}/messages/deviceBound` with the [`Stamp`] as body and
 //!   `iothub-messageid` `{run}-{seq}`; accepted with 204 once durable in the device's queue.
+//!   A batch (`--c2d-batch`) is one `POST /messages/deviceBound` of such messages, accepted
+//!   when the hub's 200 says every one is durable.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -105,6 +107,32 @@ impl Rest {
             let response = request.send().await.map_err(failure)?;
             if response.status() != StatusCode::NO_CONTENT {
                 return Err(unexpected("POST /devices/{id}/messages/deviceBound", response).await);
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn send_c2d_batch<'a>(&'a self, fleet: &'a Fleet, messages: Vec<(u32, Stamp)>) -> Operation<'a, ()> {
+        Box::pin(async move {
+            let body: Vec<Value> = messages
+                .iter()
+                .map(|(index, stamp)| {
+                    json!({
+                        "deviceId": fleet.device_id(*index),
+                        "messageId": format!("{}-{}", stamp.run, stamp.seq),
+                        "contentType": "application/json",
+                        "body": String::from_utf8_lossy(&stamp.body()),
+                    })
+                })
+                .collect();
+            let response = self.request("/messages/deviceBound").json(&body).send().await.map_err(failure)?;
+            if response.status() != StatusCode::OK {
+                return Err(unexpected("POST /messages/deviceBound", response).await);
+            }
+            let answer: Value = response.json().await.map_err(failure)?;
+            if answer["isSuccessful"] != true {
+                let refused = answer["results"].as_array().into_iter().flatten().find(|r| r.get("errorCode").is_some());
+                return Err((ErrorKind::HttpStatus, format!("the batch send refused a message: {refused:?}")));
             }
             Ok(())
         })
