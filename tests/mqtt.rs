@@ -563,3 +563,55 @@ async fn ca_signed_device_connects_once_its_ca_is_registered_and_verified() {
     let (_c, mut el) = x509_client(&hub, "ca-dev", &cert, &key);
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::NotAuthorized), "the CA is gone");
 }
+
+/// A device client with a Will on `will_topic`, connected; returns its CONNACK code too.
+async fn connected_with_will(hub: &TestHub, id: &str, will_topic: &str) -> (AsyncClient, EventLoop, ConnectReturnCode) {
+    let key = create_device(hub, id).await;
+    let port = hub.server.info.mqtts.expect("MQTTS listener").port();
+    let mut opts = MqttOptions::new(id, "localhost", port);
+    opts.set_credentials(username(hub, id), device_token(hub, id, &key, 3600));
+    opts.set_last_will(rumqttc::LastWill::new(will_topic, "gone", QoS::AtLeastOnce, false));
+    let ca = std::fs::read(hub.dir.path().join("tls").join("ca.pem")).unwrap();
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let code = connack(&mut eventloop).await.expect("a CONNACK");
+    (client, eventloop, code)
+}
+
+/// Waits until no device is connected: every session has detached (its Will, if any, was
+/// stored before it detached).
+async fn all_detached(hub: &TestHub) {
+    tokio::time::timeout(WAIT, async {
+        while connected_count(hub).await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every session detached");
+}
+
+#[tokio::test]
+async fn a_will_is_stored_as_telemetry_when_the_connection_drops_without_disconnect() {
+    let hub = start();
+    let (client, eventloop, code) =
+        connected_with_will(&hub, "lost", "devices/lost/messages/events/%24.ct=text%2Fplain").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    drop((client, eventloop)); // the socket closes without DISCONNECT
+    let (polite, mut polite_loop, code) = connected_with_will(&hub, "polite", "devices/polite/messages/events/").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    polite.disconnect().await.unwrap();
+    assert!(closed(&mut polite_loop).await);
+    all_detached(&hub).await;
+
+    let events = all_events(&hub).await;
+    let wills: Vec<_> = events.iter().filter(|e| app_property(e, "iothub-MessageType") == Some("Will")).collect();
+    assert_eq!(wills.len(), 1, "only the connection lost without DISCONNECT sends its Will");
+    assert_eq!(wills[0].data.body, b"gone");
+    assert_eq!(wills[0].data.properties.content_type.as_deref(), Some("text/plain"));
+    let device = wills[0].data.annotations.iter().find(|(k, _)| k == "iothub-connection-device-id");
+    assert_eq!(device.map(|(_, v)| v), Some(&AnnotationValue::String("lost".into())));
+
+    // A Will on another identity's topic is a topic the device may not publish on.
+    let (_c, _el, code) = connected_with_will(&hub, "sly", "devices/lost/messages/events/").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+}
