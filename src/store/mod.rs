@@ -7,18 +7,23 @@
 //!
 //! Both keep the same schema — `hubs(name, host_name, etag, doc)` and
 //! `identities(hub, device_id, module_id, status, etag, doc, twin, twin_version)`, where `doc` and
-//! `twin` are the serde_json form of the model types and `module_id` is `''` for a device; the
-//! events log in `events(hub, partition_id, sequence_number, enqueued_ms, body, meta)` (`meta` in
-//! the [`event_codec`] form), `event_partitions(hub, partition_id, next_sequence,
-//! last_enqueued_ms)` and `event_checkpoints(hub, consumer_group, partition_id, sequence_number)`;
+//! `twin` are the serde_json form of the model types and `module_id` is `''` for a device;
+//! `event_partitions(hub, partition_id, next_sequence, last_enqueued_ms)` and
+//! `event_checkpoints(hub, consumer_group, partition_id, sequence_number)` for the events log;
 //! cloud-to-device queues in `c2d_messages(hub, device_id, module_id, sequence_number, doc,
 //! body)` (deleted with their identity by a cascading foreign key) and feedback in
 //! `feedback(hub, id, doc)`, numbered from `feedback_counters(hub, next_id)` — with versioned
-//! migrations run at open, and both pass `tests/store_suite/`.
+//! migrations run at open, and both pass `tests/store_suite/`. The events themselves differ:
+//! PostgreSQL keeps one row per event in `events(hub, partition_id, sequence_number,
+//! enqueued_ms, body, meta)`; the embedded store, whose single writer thread pays for every
+//! row, keeps each commit's events of a partition as one chunk in `event_chunks(hub,
+//! partition_id, first_sequence, event_count, enqueued_ms, events)`. Both use the
+//! [`event_codec`] form for an event's metadata, and the embedded store its chunk form.
 //!
 //! Within a partition, enqueued times never decrease as sequence numbers grow (each backend
 //! takes the later of the clock and the partition's last enqueued time), so "first event at or
-//! after a time" is a binary search over sequence numbers and needs no index on time.
+//! after a time" is a binary search over sequence numbers in PostgreSQL, with no index on time
+//! for every append to maintain, and one seek in the embedded store's index on chunk times.
 
 mod event_codec;
 
@@ -43,8 +48,9 @@ use crate::config::{Config, StoreBackend};
 /// another one must come before it.
 const HUB_SCOPED_TABLES: &[&str] = &["c2d_messages", "feedback", "feedback_counters", "identities"];
 
-/// The tables of a hub's events log, emptied with the hub like [`HUB_SCOPED_TABLES`]. They are
-/// listed apart because the embedded store keeps them in a database file of their own.
+/// The tables of a hub's events log in PostgreSQL, emptied with the hub like
+/// [`HUB_SCOPED_TABLES`]. (The embedded store keeps its log, in a layout of its own, in a file
+/// of its own: `embedded::event_writer`.)
 ///
 /// `event_partitions` comes first: in PostgreSQL, deleting its rows waits for the appends that
 /// hold them locked, so the `events` delete that follows sees their rows, and later appends
@@ -57,8 +63,8 @@ const EVENT_LOG_TABLES: &[&str] = &["event_partitions", "events", "event_checkpo
 ///
 /// A binary search over the retained range, which is gap-free and whose enqueued times never
 /// decrease: about 20 point lookups on the key for a million events, in one statement (so one
-/// snapshot), and no index on time for every append to maintain. The same text runs on both
-/// backends: SQLite numbers `$n` parameters by first appearance, which here is `$1`, `$2`, `$3`.
+/// snapshot), and no index on time for every append to maintain. PostgreSQL's `events` only:
+/// the embedded store finds a time among its chunks with an index.
 const FIRST_ENQUEUED_AT_OR_AFTER: &str = "
     WITH RECURSIVE search (low, high) AS (
         SELECT (SELECT min(sequence_number) FROM events WHERE hub = $1 AND partition_id = $2),
@@ -73,8 +79,8 @@ const FIRST_ENQUEUED_AT_OR_AFTER: &str = "
     )
     SELECT low FROM search WHERE low = high";
 
-/// Events removed by one retention statement: expiry of a large backlog proceeds in chunks, so
-/// appends keep flowing between them instead of waiting behind one huge delete.
+/// Events removed by one retention statement in PostgreSQL: expiry of a large backlog proceeds
+/// in steps, so appends keep flowing between them instead of waiting behind one huge delete.
 const EXPIRY_CHUNK: i64 = 4096;
 
 /// Opens the backend `store.backend` names, creating or migrating its schema.

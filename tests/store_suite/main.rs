@@ -150,7 +150,8 @@ async fn embedded_open_purges_the_events_of_hubs_the_registry_lost() {
     assert_eq!(bodies(&store, "kept", 0, 0, 10).await, ["e0", "e1"]);
     store.close().await.unwrap();
     let log = rusqlite::Connection::open(backend.data_dir().join(EVENT_LOG_FILE)).expect("open the log");
-    let rows: i64 = log.query_row("SELECT count(*) FROM events WHERE hub = 'lost'", [], |r| r.get(0)).expect("count");
+    let rows: i64 =
+        log.query_row("SELECT count(*) FROM event_chunks WHERE hub = 'lost'", [], |r| r.get(0)).expect("count");
     assert_eq!(rows, 0);
     backend.finish().await;
 }

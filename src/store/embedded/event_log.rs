@@ -1,11 +1,13 @@
 //! The embedded store's events log: the built-in endpoint's partitions and the consumer groups'
 //! checkpoints (service-api §9), in `<data_dir>/events.db`.
 //!
-//! Writes go through the log's own writer thread (`event_writer`); reads use a pool of
-//! read-only connections of their own. The registry file stays the source of truth for which
+//! Writes go through the log's own writer thread (`event_writer`), which stores each batch's
+//! events of a partition as one chunk; reads use a pool of read-only connections of their own
+//! and unpack the chunks they need. The registry file stays the source of truth for which
 //! hubs exist: the writer checks it before writing for a hub, and `EmbeddedStore::delete_hub`
 //! purges the log after deleting the hub there.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,12 +17,12 @@ use iothubd_actors::store::StoreError;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::event_writer::{EncodedEvent, LogOp, LogWriter, Request};
+use super::event_writer::{CHUNK_BYTES, LogOp, LogWriter, PartitionEvents, Request};
 use super::readers::Readers;
 use super::schema::{EVENT_LOG_MIGRATIONS, open_reader, open_writer, store_error};
 use super::writer::closed;
-use crate::store::event_codec::{decode_event, encode_meta};
-use crate::store::{EXPIRY_CHUNK, FIRST_ENQUEUED_AT_OR_AFTER, millis, partition_info, time_of};
+use crate::store::event_codec::{ChunkReader, EventChunk};
+use crate::store::{millis, partition_info, time_of};
 
 /// The events log file inside `data_dir`.
 pub const EVENT_LOG_FILE: &str = "events.db";
@@ -66,15 +68,37 @@ impl EventLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        // Encoded here, on the callers' threads, so the one writer thread only writes.
-        let events = events
+        // Packed here, on the callers' threads, so the one writer thread only numbers and
+        // writes. Parts stop at the size of a chunk, so the writer never has to split one.
+        let mut parts: Vec<PartitionEvents> = Vec::new();
+        let mut open_part: HashMap<u32, usize> = HashMap::new();
+        // Each event's (partition, part, index in the part).
+        let mut slots = Vec::with_capacity(events.len());
+        for (partition, event) in events {
+            let part = match open_part.get(&partition) {
+                Some(&part) if parts[part].events.size() < CHUNK_BYTES => part,
+                _ => {
+                    parts.push(PartitionEvents { partition, events: EventChunk::new() });
+                    open_part.insert(partition, parts.len() - 1);
+                    parts.len() - 1
+                }
+            };
+            slots.push((partition, part, parts[part].events.count()));
+            parts[part].events.push(&event)?;
+        }
+        let placed = self.write(|reply| LogOp::Append { hub: hub.to_owned(), parts, reply }).await?;
+        slots
             .into_iter()
-            .map(|(partition, event)| {
-                let meta = encode_meta(&event);
-                EncodedEvent { partition, body: event.body, meta }
+            .map(|(partition, part, index)| {
+                let placed =
+                    placed.get(part).ok_or_else(|| StoreError::Corrupt("a part of an append got no place".into()))?;
+                Ok(EventPosition {
+                    partition,
+                    sequence_number: placed.first_sequence + index,
+                    enqueued_time: time_of(placed.enqueued_ms),
+                })
             })
-            .collect();
-        self.write(|reply| LogOp::Append { hub: hub.to_owned(), events, reply }).await
+            .collect()
     }
 
     pub(super) async fn read(
@@ -84,28 +108,48 @@ impl EventLog {
         from_sequence: i64,
         max: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let hub = hub.to_owned();
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.readers
             .read(move |db| {
+                // From the chunk holding `from_sequence` (or the first one, when it comes
+                // before), rows are stepped only as far as `max` events need.
                 let mut stmt = db
                     .prepare_cached(
-                        "SELECT sequence_number, enqueued_ms, body, meta FROM events
-                         WHERE hub = ?1 AND partition_id = ?2 AND sequence_number >= ?3
-                         ORDER BY sequence_number LIMIT ?4",
+                        "SELECT first_sequence, event_count, enqueued_ms, events FROM event_chunks
+                         WHERE hub = ?1 AND partition_id = ?2 AND first_sequence >= ifnull(
+                             (SELECT first_sequence FROM event_chunks
+                              WHERE hub = ?1 AND partition_id = ?2 AND first_sequence <= ?3
+                              ORDER BY first_sequence DESC LIMIT 1),
+                             ?3)
+                         ORDER BY first_sequence",
                     )
                     .map_err(store_error)?;
-                let mut rows = stmt.query(params![hub, partition, from_sequence, max]).map_err(store_error)?;
+                let mut rows = stmt.query(params![hub, partition, from_sequence]).map_err(store_error)?;
                 let mut events = Vec::new();
-                while let Some(row) = rows.next().map_err(store_error)? {
-                    let (sequence_number, enqueued_ms): (i64, i64) =
-                        (row.get(0).map_err(store_error)?, row.get(1).map_err(store_error)?);
-                    let body: Vec<u8> = row.get(2).map_err(store_error)?;
-                    let meta = row.get_ref(3).and_then(|v| v.as_blob().map_err(Into::into)).map_err(store_error)?;
-                    events.push(StoredEvent {
-                        position: EventPosition { partition, sequence_number, enqueued_time: time_of(enqueued_ms) },
-                        data: decode_event(body, meta)?,
-                    });
+                while events.len() < max {
+                    let Some(row) = rows.next().map_err(store_error)? else { break };
+                    let (first_sequence, count, enqueued_ms): (i64, i64, i64) = (
+                        row.get(0).map_err(store_error)?,
+                        row.get(1).map_err(store_error)?,
+                        row.get(2).map_err(store_error)?,
+                    );
+                    let blob = row.get_ref(3).and_then(|v| v.as_blob().map_err(Into::into)).map_err(store_error)?;
+                    let mut chunk = ChunkReader::new(blob, count)?;
+                    let skip = from_sequence.saturating_sub(first_sequence).max(0);
+                    chunk.skip(skip)?;
+                    let mut sequence_number = first_sequence.saturating_add(skip);
+                    let enqueued_time = time_of(enqueued_ms);
+                    while events.len() < max {
+                        let Some(data) = chunk.next_event()? else { break };
+                        events.push(StoredEvent {
+                            position: EventPosition { partition, sequence_number, enqueued_time },
+                            data,
+                        });
+                        sequence_number += 1;
+                    }
                 }
                 Ok(events)
             })
@@ -118,11 +162,10 @@ impl EventLog {
             .read(move |db| {
                 // One snapshot for the search and the counters.
                 let tx = db.unchecked_transaction().map_err(store_error)?;
-                // Past the last retained event, the answer is the next sequence number: the
-                // same, unless nothing is retained.
-                if let Some(found) =
-                    first_enqueued_at_or_after(&tx, &hub, partition, millis(time)).map_err(store_error)?
-                {
+                // Every event of a chunk has the chunk's enqueued time, so the first event at or
+                // after `time` opens the first chunk at or after it. Past the last retained
+                // event, the answer is the next sequence number.
+                if let Some(found) = first_chunk_at_or_after(&tx, &hub, partition, millis(time)).map_err(store_error)? {
                     return Ok(found);
                 }
                 Ok(counters(&tx, &hub, partition)?.map_or(0, |(next_sequence, _)| next_sequence))
@@ -145,11 +188,11 @@ impl EventLog {
     pub(super) async fn expire(&self, hub: &str, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let before_ms = millis(before);
         let mut total = 0;
-        // Chunk by chunk, each its own short write, so appends interleave with a long expiry.
+        // Step by step, each its own short write, so appends interleave with a long expiry.
         loop {
-            let deleted = self.write(|reply| LogOp::ExpireChunk { hub: hub.to_owned(), before_ms, reply }).await?;
-            total += deleted;
-            if deleted < EXPIRY_CHUNK.unsigned_abs() {
+            let step = self.write(|reply| LogOp::ExpireStep { hub: hub.to_owned(), before_ms, reply }).await?;
+            total += step.events;
+            if !step.more {
                 return Ok(total);
             }
         }
@@ -219,24 +262,204 @@ fn counters(db: &Connection, hub: &str, partition: u32) -> Result<Option<(i64, i
     .map_err(store_error)
 }
 
-/// The first retained sequence number of a partition enqueued at or after `at_ms`, or the last
-/// retained one + 1 when all are older; `None` when none is retained.
-pub(super) fn first_enqueued_at_or_after(
-    db: &Connection,
-    hub: &str,
-    partition: u32,
-    at_ms: i64,
-) -> rusqlite::Result<Option<i64>> {
-    db.prepare_cached(FIRST_ENQUEUED_AT_OR_AFTER)?
-        .query_row(params![hub, partition, at_ms], |row| row.get(0))
-        .optional()
+/// The first sequence number of the first chunk of a partition enqueued at or after `at_ms`,
+/// if any: one seek in `event_chunks_by_time`, as enqueued times follow sequence order.
+fn first_chunk_at_or_after(db: &Connection, hub: &str, partition: u32, at_ms: i64) -> rusqlite::Result<Option<i64>> {
+    db.prepare_cached(
+        "SELECT first_sequence FROM event_chunks WHERE hub = ?1 AND partition_id = ?2 AND enqueued_ms >= ?3
+         ORDER BY enqueued_ms, first_sequence LIMIT 1",
+    )?
+    .query_row(params![hub, partition, at_ms], |row| row.get(0))
+    .optional()
 }
 
 /// The first retained sequence number of a partition, if it retains any.
-pub(super) fn first_retained(db: &Connection, hub: &str, partition: u32) -> rusqlite::Result<Option<i64>> {
+fn first_retained(db: &Connection, hub: &str, partition: u32) -> rusqlite::Result<Option<i64>> {
     db.prepare_cached(
-        "SELECT sequence_number FROM events WHERE hub = ?1 AND partition_id = ?2 ORDER BY sequence_number LIMIT 1",
+        "SELECT first_sequence FROM event_chunks WHERE hub = ?1 AND partition_id = ?2
+         ORDER BY first_sequence LIMIT 1",
     )?
     .query_row(params![hub, partition], |row| row.get(0))
     .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use iothubd_actors::model::event::AnnotationValue;
+
+    use super::super::schema::MIGRATIONS;
+    use super::*;
+    use crate::store::event_codec::encode_meta;
+
+    const REGISTRY_FILE: &str = "iothubd.db";
+
+    /// A data directory whose registry holds the hub `alpha`.
+    fn data_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let registry = open_writer(&dir.path().join(REGISTRY_FILE), MIGRATIONS).expect("the registry");
+        registry.execute("INSERT INTO hubs VALUES ('alpha', 'alpha.example.net', 'e1', '{}')", []).expect("a hub");
+        dir
+    }
+
+    fn log_path(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join(EVENT_LOG_FILE)
+    }
+
+    fn open_log(dir: &tempfile::TempDir) -> EventLog {
+        EventLog::open(&log_path(dir), &dir.path().join(REGISTRY_FILE), 64, 64, 2).expect("the events log")
+    }
+
+    /// A second connection to the log file, to look under the store.
+    fn raw(dir: &tempfile::TempDir) -> Connection {
+        Connection::open(log_path(dir)).expect("the log file")
+    }
+
+    fn event(i: usize, body_len: usize) -> EventData {
+        EventData {
+            body: vec![u8::try_from(i % 251).expect("a byte"); body_len],
+            annotations: vec![("n".into(), AnnotationValue::Long(i64::try_from(i).expect("small")))],
+            ..Default::default()
+        }
+    }
+
+    /// Each chunk row of a partition: `(first_sequence, event_count, blob size)`.
+    fn chunks(db: &Connection, partition: u32) -> Vec<(i64, i64, usize)> {
+        db.prepare(
+            "SELECT first_sequence, event_count, length(events) FROM event_chunks
+             WHERE hub = 'alpha' AND partition_id = ?1 ORDER BY first_sequence",
+        )
+        .and_then(|mut stmt| stmt.query_map([partition], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+        .expect("chunk rows")
+    }
+
+    fn data(events: &[StoredEvent]) -> Vec<EventData> {
+        events.iter().map(|e| e.data.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn an_append_is_one_chunk_per_partition() {
+        let dir = data_dir();
+        let log = open_log(&dir);
+        let appended: Vec<(u32, EventData)> = (0..15).map(|i| (u32::from(i % 3 == 0), event(i, 40))).collect();
+        let positions = log.append("alpha", appended.clone()).await.expect("appended");
+        log.append("alpha", vec![(1, event(99, 40))]).await.expect("appended");
+        assert_eq!(chunks(&raw(&dir), 0).iter().map(|c| (c.0, c.1)).collect::<Vec<_>>(), [(0, 10)]);
+        assert_eq!(chunks(&raw(&dir), 1).iter().map(|c| (c.0, c.1)).collect::<Vec<_>>(), [(0, 5), (5, 1)]);
+        let read = log.read("alpha", 1, 0, 100).await.expect("read");
+        assert_eq!(
+            read.iter().map(|e| e.position).collect::<Vec<_>>()[..5],
+            positions.iter().step_by(3).copied().collect::<Vec<_>>()
+        );
+        log.close().await.expect("closed");
+    }
+
+    #[tokio::test]
+    async fn large_appends_are_cut_into_chunks_of_about_chunk_bytes() {
+        let dir = data_dir();
+        let log = open_log(&dir);
+        let appended: Vec<EventData> = (0..300).map(|i| event(i, 1000)).collect();
+        log.append("alpha", appended.iter().map(|e| (0, e.clone())).collect()).await.expect("appended");
+        let rows = chunks(&raw(&dir), 0);
+        assert!(rows.len() >= 4, "300 KB in chunks of 64 KiB: {rows:?}");
+        assert!(rows.iter().all(|&(_, _, size)| size < CHUNK_BYTES + 1100), "{rows:?}");
+        assert!(rows.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0), "gap-free: {rows:?}");
+        assert_eq!(data(&log.read("alpha", 0, 0, 1000).await.expect("read")), appended);
+        let across = log.read("alpha", 0, rows[1].0 - 2, 5).await.expect("read");
+        assert_eq!(
+            across.iter().map(|e| e.position.sequence_number).collect::<Vec<_>>(),
+            (rows[1].0 - 2..rows[1].0 + 3).collect::<Vec<_>>()
+        );
+        log.close().await.expect("closed");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_chunk_reads_as_corrupt() {
+        let dir = data_dir();
+        let log = open_log(&dir);
+        log.append("alpha", (0..4).map(|i| (0, event(i, 10))).collect()).await.expect("appended");
+        let db = raw(&dir);
+        for damage in [
+            "UPDATE event_chunks SET events = substr(events, 1, 30)",
+            "UPDATE event_chunks SET event_count = -1",
+            "UPDATE event_chunks SET events = x'02'",
+        ] {
+            db.execute(damage, []).expect("damaged");
+            assert!(matches!(log.read("alpha", 0, 0, 10).await, Err(StoreError::Corrupt(_))), "{damage}");
+        }
+        log.close().await.expect("closed");
+    }
+
+    /// A log written before chunks (events log schema version 1) keeps its events, numbers,
+    /// times and checkpoints when opened by this build.
+    #[tokio::test]
+    async fn per_event_rows_of_schema_1_are_moved_into_chunks() {
+        let dir = data_dir();
+        let v1 = open_writer(&log_path(&dir), &EVENT_LOG_MIGRATIONS[..1]).expect("a version 1 log");
+        // Partition 0: 0..=2 expired; 3..=5 committed together, then 6..=7, then 8..=9.
+        // Partition 1: 300 events of 1 KB from one commit, more than one chunk holds.
+        let mut old = Vec::new();
+        for sequence in 3..10 {
+            old.push((
+                0,
+                sequence,
+                if sequence < 6 {
+                    1_000
+                } else if sequence < 8 {
+                    2_000
+                } else {
+                    3_000
+                },
+                20,
+            ));
+        }
+        for sequence in 0..300 {
+            old.push((1, sequence, 5_000, 1_000));
+        }
+        let mut insert = v1.prepare("INSERT INTO events VALUES ('alpha', ?1, ?2, ?3, ?4, ?5)").expect("statement");
+        let mut expected: HashMap<u32, Vec<StoredEvent>> = HashMap::new();
+        for &(partition, sequence_number, enqueued_ms, body_len) in &old {
+            let data = event(usize::try_from(sequence_number).expect("small"), body_len);
+            insert
+                .execute(params![partition, sequence_number, enqueued_ms, data.body, encode_meta(&data)])
+                .expect("a row");
+            let position = EventPosition { partition, sequence_number, enqueued_time: time_of(enqueued_ms) };
+            expected.entry(partition).or_default().push(StoredEvent { position, data });
+        }
+        drop(insert);
+        v1.execute_batch(
+            "INSERT INTO event_partitions VALUES ('alpha', 0, 10, 3000), ('alpha', 1, 300, 5000);
+             INSERT INTO event_checkpoints VALUES ('alpha', '$Default', 0, 7);",
+        )
+        .expect("counters and a checkpoint");
+        drop(v1);
+
+        let log = open_log(&dir);
+        let db = raw(&dir);
+        let version: usize = db.pragma_query_value(None, "user_version", |row| row.get(0)).expect("version");
+        assert_eq!(version, EVENT_LOG_MIGRATIONS.len());
+        let tables: i64 =
+            db.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'events'", [], |r| r.get(0)).expect("schema");
+        assert_eq!(tables, 0, "the per-event table is gone");
+        assert_eq!(
+            chunks(&db, 0).iter().map(|c| (c.0, c.1)).collect::<Vec<_>>(),
+            [(3, 3), (6, 2), (8, 2)],
+            "one per commit"
+        );
+        assert!(chunks(&db, 1).len() >= 4, "cut at the chunk size");
+
+        assert_eq!(log.read("alpha", 0, 0, 100).await.as_ref(), Ok(&expected[&0]));
+        assert_eq!(log.read("alpha", 1, 0, 1000).await.as_ref(), Ok(&expected[&1]));
+        assert_eq!(log.read("alpha", 0, 5, 2).await.as_deref(), Ok(&expected[&0][2..4]), "across two chunks");
+        assert_eq!(log.sequence_at("alpha", 0, time_of(1_500)).await, Ok(6));
+        assert_eq!(log.sequence_at("alpha", 0, time_of(3_001)).await, Ok(10));
+        let info = log.partition_info("alpha", 0).await.expect("info");
+        assert_eq!((info.begin_sequence_number, info.last_sequence_number), (3, 9));
+        assert_eq!(info.last_enqueued_time, time_of(3_000));
+        assert_eq!(log.get_checkpoint("alpha", "$Default", 0).await, Ok(Some(7)));
+        let next = log.append("alpha", vec![(0, event(10, 20))]).await.expect("appended");
+        assert_eq!(next[0].sequence_number, 10, "numbering continues");
+        log.close().await.expect("closed");
+    }
 }

@@ -5,38 +5,72 @@
 //! meanwhile in one transaction — one fsync for hundreds of events. It has a file and a queue
 //! of its own so that the firehose never delays registry writes, nor they it.
 //!
+//! A batch stores each partition's events as one row of `event_chunks`, not one row per event:
+//! the first sequence number, the count, the enqueued time they all share (the batch's), and
+//! one blob packing every event's body and metadata (`event_codec`). Per-row costs — b-tree
+//! descents, page splits, record compares — were most of the writer's time with a row per
+//! ~300-byte event; a chunk pays them once for hundreds. Callers pack their events per
+//! partition on their own threads; here the parts of a batch are numbered and joined into the
+//! partition's open chunk, which is written when it reaches [`CHUNK_BYTES`] or at commit.
+//!
 //! Sequence numbers are assigned here, from per-partition counters held in memory (loaded at
-//! start) and persisted in `event_partitions` in the same transaction as the events. An append
+//! start) and persisted in `event_partitions` in the same transaction as the chunks. An append
 //! writes no savepoint: nothing in it can be refused once its hub is known to exist, so a
-//! failure is SQLite's and fails the whole batch — after which the counters are reloaded from
-//! the file, the only source of truth.
+//! failure is SQLite's and fails the whole batch — after which the open chunks are dropped and
+//! the counters reloaded from the file, the only source of truth.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
-use iothubd_actors::model::event::EventPosition;
 use iothubd_actors::store::StoreError;
 use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::event_log::{first_enqueued_at_or_after, first_retained};
-use crate::store::{EVENT_LOG_TABLES, EXPIRY_CHUNK, time_of};
+use crate::store::event_codec::EventChunk;
 
-/// An event ready to store: its partition, body and encoded `meta`.
-pub(super) struct EncodedEvent {
+/// The size at which a chunk is closed (a single larger event makes a chunk of its own). Large
+/// enough that per-row costs vanish (about 200 telemetry messages of 256 bytes), small enough
+/// that a read starting at an event in the middle of a chunk reads little more than it returns.
+pub(super) const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Chunks removed by one retention step: expiry of a large backlog proceeds in steps of about
+/// 2 MiB, so appends keep flowing between them instead of waiting behind one huge delete.
+const EXPIRY_STEP_CHUNKS: i64 = 32;
+
+/// The log's tables, each with a `hub` column, emptied when a hub is deleted.
+const LOG_TABLES: &[&str] = &["event_partitions", "event_chunks", "event_checkpoints"];
+
+/// Consecutive events of an append bound for one partition, packed on the caller's thread.
+pub(super) struct PartitionEvents {
     pub partition: u32,
-    pub body: Vec<u8>,
-    pub meta: Vec<u8>,
+    pub events: EventChunk,
+}
+
+/// Where the events of a [`PartitionEvents`] landed: sequence numbers from `first_sequence`
+/// on, all enqueued at `enqueued_ms`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Placed {
+    pub first_sequence: i64,
+    pub enqueued_ms: i64,
+}
+
+/// What one retention step removed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Expired {
+    pub events: u64,
+    /// The step stopped at its budget, so more may be due.
+    pub more: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One write to the log, as the `Store` methods of the same names describe it.
 pub(super) enum LogOp {
+    /// Answers a [`Placed`] per part, in order.
     Append {
         hub: String,
-        events: Vec<EncodedEvent>,
-        reply: Reply<Vec<EventPosition>>,
+        parts: Vec<PartitionEvents>,
+        reply: Reply<Vec<Placed>>,
     },
     SetCheckpoint {
         hub: String,
@@ -45,12 +79,12 @@ pub(super) enum LogOp {
         sequence_number: i64,
         reply: Reply<()>,
     },
-    /// Deletes up to [`EXPIRY_CHUNK`] events of the hub enqueued before `before_ms`; answers how
-    /// many.
-    ExpireChunk {
+    /// Deletes up to [`EXPIRY_STEP_CHUNKS`] of the hub's chunks enqueued before `before_ms`,
+    /// oldest first.
+    ExpireStep {
         hub: String,
         before_ms: i64,
-        reply: Reply<u64>,
+        reply: Reply<Expired>,
     },
     /// Deletes everything of a hub that the registry no longer holds.
     Purge {
@@ -67,8 +101,8 @@ pub(super) enum Request {
 
 /// A write's answer, held until its batch has committed.
 enum Pending {
-    Positions(Reply<Vec<EventPosition>>, Result<Vec<EventPosition>, StoreError>),
-    Count(Reply<u64>, Result<u64, StoreError>),
+    Placed(Reply<Vec<Placed>>, Result<Vec<Placed>, StoreError>),
+    Expired(Reply<Expired>, Result<Expired, StoreError>),
     Done(Reply<()>, Result<(), StoreError>),
 }
 
@@ -77,8 +111,8 @@ impl Pending {
     fn send(self, failed: Option<&StoreError>) {
         // A caller that gave up waiting no longer needs the answer; the write stands.
         match self {
-            Self::Positions(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
-            Self::Count(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
+            Self::Placed(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
+            Self::Expired(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
             Self::Done(reply, outcome) => drop(reply.send(failed.map_or(outcome, |e| Err(e.clone())))),
         }
     }
@@ -88,13 +122,24 @@ impl Pending {
 /// refusal decided here.
 type Applied<T> = rusqlite::Result<Result<T, StoreError>>;
 
-/// A partition's counters, as in its `event_partitions` row.
-#[derive(Clone, Copy, Default)]
+/// A partition's counters, as in its `event_partitions` row, and what the current batch holds
+/// for it.
+#[derive(Default)]
 struct Counter {
     next_sequence: i64,
     last_enqueued_ms: i64,
     /// Changed by the current batch, so its row must be written.
     dirty: bool,
+    /// The chunk the current batch is filling, written when full or before the commit.
+    open: Option<OpenChunk>,
+}
+
+/// A chunk not written yet: its events are numbered from `first_sequence` and were all
+/// enqueued at `enqueued_ms`.
+struct OpenChunk {
+    first_sequence: i64,
+    enqueued_ms: i64,
+    events: EventChunk,
 }
 
 pub(super) struct LogWriter {
@@ -110,12 +155,14 @@ struct LogState {
     /// Hubs seen to exist; a hub leaves only through `Purge`, which follows its deletion.
     known_hubs: HashSet<String>,
     counters: HashMap<String, HashMap<u32, Counter>>,
-    /// The partitions whose counters the current batch changed.
+    /// The partitions whose counters the current batch changed (and which may have an open
+    /// chunk).
     dirty: Vec<(String, u32)>,
 }
 
-const INSERT_EVENT: &str = "INSERT INTO events (hub, partition_id, sequence_number, enqueued_ms, body, meta)
-                            VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const INSERT_CHUNK: &str =
+    "INSERT INTO event_chunks (hub, partition_id, first_sequence, event_count, enqueued_ms, events)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 impl LogWriter {
     /// Takes the open connections, purges what belongs to hubs deleted while a purge was
@@ -170,12 +217,13 @@ impl LogWriter {
         let mut answers = Vec::with_capacity(ops.len());
         let failure = self.apply_all(ops, &mut answers).err().map(|e| {
             tracing::error!(error = %e, writes = answers.len(), "events log commit failed");
-            // The counters moved for events that were not written: back to the file's.
+            // Chunks still open hold events that were not written; the counters moved for them:
+            // back to the file's.
+            self.state.forget_batch();
             match load_counters(&self.conn) {
                 Ok(counters) => self.state.counters = counters,
                 Err(e) => tracing::error!(error = %e, "reloading the events log counters failed"),
             }
-            self.state.dirty.clear();
             StoreError::Unavailable(e.to_string())
         });
         for answer in answers {
@@ -190,14 +238,14 @@ impl LogWriter {
         let state = &mut self.state;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+            let mut insert = tx.prepare_cached(INSERT_CHUNK)?;
             let mut failure = None;
             for op in ops {
                 // Once the batch is lost, the remaining ops are only answered (with the failure).
                 let answer = match op {
-                    LogOp::Append { hub, events, reply } => {
-                        let applied = unless_failed(&failure, || state.append(&mut insert, &hub, events, now_ms));
-                        Pending::Positions(reply, settled(applied, &mut failure))
+                    LogOp::Append { hub, parts, reply } => {
+                        let applied = unless_failed(&failure, || state.append(&mut insert, &hub, parts, now_ms));
+                        Pending::Placed(reply, settled(applied, &mut failure))
                     }
                     LogOp::SetCheckpoint { hub, consumer_group, partition, sequence_number, reply } => {
                         let applied = unless_failed(&failure, || {
@@ -205,9 +253,13 @@ impl LogWriter {
                         });
                         Pending::Done(reply, settled(applied, &mut failure))
                     }
-                    LogOp::ExpireChunk { hub, before_ms, reply } => {
-                        let applied = unless_failed(&failure, || state.expire_chunk(&tx, &hub, before_ms));
-                        Pending::Count(reply, settled(applied, &mut failure))
+                    LogOp::ExpireStep { hub, before_ms, reply } => {
+                        let applied = unless_failed(&failure, || {
+                            // What this batch appended before the step is subject to it too.
+                            state.write_open_chunks(&mut insert)?;
+                            state.expire_step(&tx, &hub, before_ms)
+                        });
+                        Pending::Expired(reply, settled(applied, &mut failure))
                     }
                     LogOp::Purge { hub, reply } => {
                         let applied = unless_failed(&failure, || {
@@ -223,6 +275,7 @@ impl LogWriter {
             if let Some(e) = failure {
                 return Err(e);
             }
+            state.write_open_chunks(&mut insert)?;
             state.persist_counters(&tx)?;
         }
         tx.commit()
@@ -253,34 +306,63 @@ impl LogState {
         &mut self,
         insert: &mut Statement<'_>,
         hub: &str,
-        events: Vec<EncodedEvent>,
+        parts: Vec<PartitionEvents>,
         now_ms: i64,
-    ) -> Applied<Vec<EventPosition>> {
+    ) -> Applied<Vec<Placed>> {
         if !self.hub_exists(hub)? {
             return Ok(Err(StoreError::NotFound));
         }
         let partitions = self.counters.entry(hub.to_owned()).or_default();
-        let mut positions = Vec::with_capacity(events.len());
-        for event in events {
-            let counter = partitions.entry(event.partition).or_default();
+        let mut placed = Vec::with_capacity(parts.len());
+        for PartitionEvents { partition, events } in parts {
+            let counter = partitions.entry(partition).or_default();
             // Never earlier than the partition's last event, so that time order follows
             // sequence order even if the clock steps back.
             let enqueued_ms = now_ms.max(counter.last_enqueued_ms);
-            let sequence_number = counter.next_sequence;
-            insert.execute(params![hub, event.partition, sequence_number, enqueued_ms, event.body, event.meta])?;
-            counter.next_sequence += 1;
+            let first_sequence = counter.next_sequence;
+            counter.next_sequence += events.count();
             counter.last_enqueued_ms = enqueued_ms;
             if !counter.dirty {
                 counter.dirty = true;
-                self.dirty.push((hub.to_owned(), event.partition));
+                self.dirty.push((hub.to_owned(), partition));
             }
-            positions.push(EventPosition {
-                partition: event.partition,
-                sequence_number,
-                enqueued_time: time_of(enqueued_ms),
-            });
+            match &mut counter.open {
+                // Within a batch the time is the same; checked all the same, as a chunk has one.
+                Some(open) if open.enqueued_ms == enqueued_ms && open.events.size() + events.size() <= CHUNK_BYTES => {
+                    open.events.append(&events);
+                }
+                slot => {
+                    if let Some(full) = slot.take() {
+                        insert_chunk(insert, hub, partition, &full)?;
+                    }
+                    *slot = Some(OpenChunk { first_sequence, enqueued_ms, events });
+                }
+            }
+            placed.push(Placed { first_sequence, enqueued_ms });
         }
-        Ok(Ok(positions))
+        Ok(Ok(placed))
+    }
+
+    /// Writes the chunks the batch has open.
+    fn write_open_chunks(&mut self, insert: &mut Statement<'_>) -> rusqlite::Result<()> {
+        for (hub, partition) in &self.dirty {
+            // A partition purged after its append in the same batch has no counter left.
+            let open = self.counters.get_mut(hub).and_then(|c| c.get_mut(partition)).and_then(|c| c.open.take());
+            if let Some(chunk) = open {
+                insert_chunk(insert, hub, *partition, &chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets what the current batch changed, its open chunks included.
+    fn forget_batch(&mut self) {
+        for (hub, partition) in self.dirty.drain(..) {
+            if let Some(counter) = self.counters.get_mut(&hub).and_then(|c| c.get_mut(&partition)) {
+                counter.open = None;
+                counter.dirty = false;
+            }
+        }
     }
 
     /// Writes the counter rows the batch changed.
@@ -322,33 +404,33 @@ impl LogState {
         Ok(Ok(()))
     }
 
-    /// Deletes, partition after partition, the oldest events enqueued before `before_ms`, at
-    /// most [`EXPIRY_CHUNK`] in all.
-    fn expire_chunk(&mut self, db: &Connection, hub: &str, before_ms: i64) -> Applied<u64> {
+    /// Deletes, partition after partition, the oldest chunks enqueued before `before_ms`, at
+    /// most [`EXPIRY_STEP_CHUNKS`] in all. A chunk goes whole once its newest event is past
+    /// retention, and is kept whole until then; as every event of a chunk has the chunk's
+    /// enqueued time, that is exactly when each of its events is. Oldest first (enqueued times
+    /// follow sequence order), so what is retained stays a gap-free range.
+    fn expire_step(&mut self, db: &Connection, hub: &str, before_ms: i64) -> Applied<Expired> {
         let partitions: Vec<u32> = self.counters.get(hub).map(|c| c.keys().copied().collect()).unwrap_or_default();
-        let mut budget = EXPIRY_CHUNK;
-        let mut deleted = 0;
+        let mut delete = db.prepare_cached(
+            "DELETE FROM event_chunks WHERE rowid IN (
+                 SELECT rowid FROM event_chunks WHERE hub = ?1 AND partition_id = ?2 AND enqueued_ms < ?3
+                 ORDER BY enqueued_ms, first_sequence LIMIT ?4)
+             RETURNING event_count",
+        )?;
+        let mut budget = EXPIRY_STEP_CHUNKS;
+        let mut events = 0;
         for partition in partitions {
             if budget == 0 {
                 break;
             }
-            let Some(first) = first_retained(db, hub, partition)? else { continue };
-            let Some(cut) = first_enqueued_at_or_after(db, hub, partition, before_ms)? else { continue };
-            let end = cut.min(first + budget);
-            if end <= first {
-                continue;
+            let mut removed = delete.query(params![hub, partition, before_ms, budget])?;
+            while let Some(row) = removed.next()? {
+                budget -= 1;
+                // A damaged count only misstates the total; the chunk is gone either way.
+                events += u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0);
             }
-            let removed = db
-                .prepare_cached(
-                    "DELETE FROM events
-                     WHERE hub = ?1 AND partition_id = ?2 AND sequence_number >= ?3 AND sequence_number < ?4",
-                )?
-                .execute(params![hub, partition, first, end])?;
-            let removed = i64::try_from(removed).unwrap_or(budget);
-            budget -= removed.min(budget);
-            deleted += removed.unsigned_abs();
         }
-        Ok(Ok(deleted))
+        Ok(Ok(Expired { events, more: budget == 0 }))
     }
 
     fn hub_exists(&mut self, hub: &str) -> rusqlite::Result<bool> {
@@ -367,9 +449,15 @@ impl LogState {
     }
 }
 
+fn insert_chunk(insert: &mut Statement<'_>, hub: &str, partition: u32, chunk: &OpenChunk) -> rusqlite::Result<()> {
+    let events = &chunk.events;
+    insert.execute(params![hub, partition, chunk.first_sequence, events.count(), chunk.enqueued_ms, events.blob()])?;
+    Ok(())
+}
+
 /// Deletes every row of a hub from the log's tables.
 fn purge(db: &Connection, hub: &str) -> rusqlite::Result<()> {
-    for table in EVENT_LOG_TABLES {
+    for table in LOG_TABLES {
         db.prepare_cached(&format!("DELETE FROM {table} WHERE hub = ?1"))?.execute([hub])?;
     }
     Ok(())
@@ -380,7 +468,7 @@ fn load_counters(db: &Connection) -> rusqlite::Result<HashMap<String, HashMap<u3
     let mut stmt = db.prepare("SELECT hub, partition_id, next_sequence, last_enqueued_ms FROM event_partitions")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        let counter = Counter { next_sequence: row.get(2)?, last_enqueued_ms: row.get(3)?, dirty: false };
+        let counter = Counter { next_sequence: row.get(2)?, last_enqueued_ms: row.get(3)?, ..Counter::default() };
         counters.entry(row.get(0)?).or_default().insert(row.get(1)?, counter);
     }
     Ok(counters)

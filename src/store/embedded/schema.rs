@@ -5,19 +5,33 @@
 //! events log (`events.db`, [`EVENT_LOG_MIGRATIONS`]). A file's schema version is its
 //! `PRAGMA user_version`: migration `i` of its list brings it to version `i + 1`. Migrations run
 //! in one transaction at open, so a crash leaves the old version intact. Together the two lists
-//! stay parallel to `postgres::schema::MIGRATIONS`.
+//! stay parallel to `postgres::schema::MIGRATIONS`, except for the layout of the events log:
+//! here events are stored in chunks (events log migration 2), there one row per event.
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use iothubd_actors::store::StoreError;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, ffi};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, ffi, params};
+
+use super::event_writer::CHUNK_BYTES;
+use crate::store::event_codec::EventChunk;
+
+/// One step of a file's schema history.
+pub(super) enum Migration {
+    /// Statements run as one batch.
+    Sql(&'static str),
+    /// A step SQL cannot express, such as re-encoding rows; it runs in the migration's
+    /// transaction like the statements.
+    Code(fn(&Connection) -> anyhow::Result<()>),
+}
 
 /// Ordered schema migrations of the registry file; append, never edit a released one.
-pub(super) const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[Migration] = &[
     // 1: hubs and identities. `module_id` is '' for a device so the primary key has no NULL.
-    "CREATE TABLE hubs (
+    Migration::Sql(
+        "CREATE TABLE hubs (
         name      TEXT NOT NULL PRIMARY KEY,
         host_name TEXT NOT NULL UNIQUE,
         etag      TEXT NOT NULL,
@@ -32,16 +46,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
         doc       TEXT NOT NULL,
         PRIMARY KEY (hub, device_id, module_id)
     ) STRICT;",
+    ),
     // 2: twins live on their identity's row, so deleting the identity deletes the twin. NULL
     // until first written; `twin_version` is the twin's `version` for conditional writes.
-    "ALTER TABLE identities ADD COLUMN twin TEXT;
+    Migration::Sql(
+        "ALTER TABLE identities ADD COLUMN twin TEXT;
     ALTER TABLE identities ADD COLUMN twin_version INTEGER;",
+    ),
     // 3: cloud-to-device queues and feedback (device-protocol §5.1, service-api §8). A queue's
     // foreign key cascades, so deleting an identity (and a device's modules with it) deletes
     // its queue in the same statement. `doc` is the message without its body, which is kept
     // as bytes. Feedback ids come from a counter per hub, so they are never reused even after
     // the newest record was taken — a late removal cannot hit a newer record.
-    "CREATE TABLE c2d_messages (
+    Migration::Sql(
+        "CREATE TABLE c2d_messages (
         hub             TEXT NOT NULL,
         device_id       TEXT NOT NULL,
         module_id       TEXT NOT NULL,
@@ -62,17 +80,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
         doc TEXT NOT NULL,
         PRIMARY KEY (hub, id)
     ) STRICT, WITHOUT ROWID;",
+    ),
 ];
 
 /// Ordered schema migrations of the events log file; append, never edit a released one.
 ///
 /// No foreign keys: `hubs` is in the other file. The log's writer checks that a hub exists
 /// before writing for it, and deleting a hub purges its rows here (see `event_log`).
-pub(super) const EVENT_LOG_MIGRATIONS: &[&str] = &[
+pub(super) const EVENT_LOG_MIGRATIONS: &[Migration] = &[
     // 1: events, per-partition counters (which outlive expired events, so sequence numbers are
     // never reused), consumer-group checkpoints. WITHOUT ROWID: each event is stored once, in
     // its key's b-tree, instead of in a rowid table plus a key index.
-    "CREATE TABLE events (
+    Migration::Sql(
+        "CREATE TABLE events (
         hub             TEXT NOT NULL,
         partition_id    INTEGER NOT NULL,
         sequence_number INTEGER NOT NULL,
@@ -95,6 +115,13 @@ pub(super) const EVENT_LOG_MIGRATIONS: &[&str] = &[
         sequence_number INTEGER NOT NULL,
         PRIMARY KEY (hub, consumer_group, partition_id)
     ) STRICT, WITHOUT ROWID;",
+    ),
+    // 2: events in chunks (see `event_writer`): one row per partition per commit, rather than
+    // one per event, moved over from `events` by [`events_into_chunks`]. A rowid table, as a
+    // chunk is large: WITHOUT ROWID suits rows of a small fraction of a page. Lookups by
+    // sequence number go through `event_chunks_by_sequence`; those by time through
+    // `event_chunks_by_time` (enqueued times follow sequence order, so its order is theirs).
+    Migration::Code(events_into_chunks),
 ];
 
 /// How long a connection waits for a lock another process holds before giving up.
@@ -103,7 +130,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens the writer connection of a file and brings it to the schema of `migrations`: WAL so
 /// readers never block the writer (nor it them), and `synchronous = FULL` so a committed
 /// transaction survives power loss, not just a crash.
-pub(super) fn open_writer(path: &Path, migrations: &[&str]) -> anyhow::Result<Connection> {
+pub(super) fn open_writer(path: &Path, migrations: &[Migration]) -> anyhow::Result<Connection> {
     let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
@@ -124,7 +151,7 @@ pub(super) fn open_reader(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection, migrations: &[&str]) -> anyhow::Result<()> {
+fn migrate(conn: &mut Connection, migrations: &[Migration]) -> anyhow::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
     let known = migrations.len();
@@ -134,8 +161,12 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> anyhow::Result<()> {
     if applied > known {
         bail!("schema version {applied} is newer than this build knows ({known}); use a newer iothubd");
     }
-    for (index, sql) in migrations.iter().enumerate().skip(applied) {
-        tx.execute_batch(sql).with_context(|| format!("schema migration {}", index + 1))?;
+    for (index, migration) in migrations.iter().enumerate().skip(applied) {
+        match migration {
+            Migration::Sql(sql) => tx.execute_batch(sql).map_err(Into::into),
+            Migration::Code(step) => step(&tx),
+        }
+        .with_context(|| format!("schema migration {}", index + 1))?;
         tx.pragma_update(None, "user_version", index + 1)?;
     }
     tx.commit()?;
@@ -143,6 +174,88 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> anyhow::Result<()> {
         tracing::info!(from = applied, to = known, "embedded store schema migrated");
     }
     Ok(())
+}
+
+/// Events log migration 2: creates `event_chunks` and moves every event of `events` into it,
+/// then drops `events`. Runs of consecutive events of a partition with one enqueued time become
+/// one chunk each (as the writer would have made them, one per commit), up to the writer's
+/// chunk size, so every event of a chunk keeps its own enqueued time. Bodies and metadata are
+/// moved as stored, without decoding: an event that was unreadable stays so, alone.
+fn events_into_chunks(db: &Connection) -> anyhow::Result<()> {
+    db.execute_batch(
+        "CREATE TABLE event_chunks (
+            hub            TEXT NOT NULL,
+            partition_id   INTEGER NOT NULL,
+            first_sequence INTEGER NOT NULL,
+            event_count    INTEGER NOT NULL,
+            enqueued_ms    INTEGER NOT NULL,
+            events         BLOB NOT NULL
+        ) STRICT;
+        CREATE UNIQUE INDEX event_chunks_by_sequence ON event_chunks (hub, partition_id, first_sequence);
+        CREATE INDEX event_chunks_by_time ON event_chunks (hub, partition_id, enqueued_ms, first_sequence);",
+    )?;
+    let moved = move_events_into_chunks(db)?;
+    db.execute_batch("DROP TABLE events")?;
+    if moved > 0 {
+        tracing::info!(events = moved, "events log moved into chunks");
+    }
+    Ok(())
+}
+
+/// The copying part of [`events_into_chunks`]; answers how many events it moved.
+fn move_events_into_chunks(db: &Connection) -> anyhow::Result<u64> {
+    let mut insert = db.prepare(
+        "INSERT INTO event_chunks (hub, partition_id, first_sequence, event_count, enqueued_ms, events)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut write = |chunk: &MigratedChunk| {
+        let MigratedChunk { hub, partition, first_sequence, enqueued_ms, events } = chunk;
+        insert.execute(params![hub, partition, first_sequence, events.count(), enqueued_ms, events.blob()])
+    };
+    let mut select = db.prepare(
+        "SELECT hub, partition_id, sequence_number, enqueued_ms, body, meta FROM events
+         ORDER BY hub, partition_id, sequence_number",
+    )?;
+    let mut rows = select.query([])?;
+    let mut open: Option<MigratedChunk> = None;
+    let mut moved = 0;
+    while let Some(row) = rows.next()? {
+        let hub = row.get_ref(0)?.as_str()?;
+        let (partition, sequence_number, enqueued_ms): (i64, i64, i64) = (row.get(1)?, row.get(2)?, row.get(3)?);
+        let (body, meta) = (row.get_ref(4)?.as_blob()?, row.get_ref(5)?.as_blob()?);
+        let joins = open.as_ref().is_some_and(|chunk| {
+            chunk.hub == hub
+                && chunk.partition == partition
+                && chunk.first_sequence + chunk.events.count() == sequence_number
+                && chunk.enqueued_ms == enqueued_ms
+                && chunk.events.size() < CHUNK_BYTES
+        });
+        if !joins && let Some(full) = open.take() {
+            write(&full)?;
+        }
+        let chunk = open.get_or_insert_with(|| MigratedChunk {
+            hub: hub.to_owned(),
+            partition,
+            first_sequence: sequence_number,
+            enqueued_ms,
+            events: EventChunk::new(),
+        });
+        chunk.events.push_stored(body, meta)?;
+        moved += 1;
+    }
+    if let Some(last) = open {
+        write(&last)?;
+    }
+    Ok(moved)
+}
+
+/// A chunk being filled by [`events_into_chunks`].
+struct MigratedChunk {
+    hub: String,
+    partition: i64,
+    first_sequence: i64,
+    enqueued_ms: i64,
+    events: EventChunk,
 }
 
 /// Maps a SQLite error: a key taken is `Conflict`, a missing referenced hub is `NotFound`,
