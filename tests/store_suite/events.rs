@@ -242,3 +242,121 @@ pub(crate) async fn events_twins_and_checkpoints_survive_close_and_reopen(backen
     assert_eq!(sequences(&next), [25], "numbering continues after a restart");
     second.close().await.unwrap();
 }
+
+/// Bodies `{prefix}0`, `{prefix}1`, … for one append.
+fn numbered(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn appending(partition: u32, bodies: &[String]) -> Vec<(u32, EventData)> {
+    bodies.iter().map(|body| (partition, telemetry(body))).collect()
+}
+
+pub(crate) async fn reads_start_and_stop_anywhere_within_and_across_batches(store: Arc<dyn Store>) {
+    store.create_hub(&hub("alpha")).await.unwrap();
+    // Three appends, each committed before the next: in the embedded store, three chunks.
+    let mut all = Vec::new();
+    for (prefix, count) in [("a", 4), ("b", 3), ("c", 5)] {
+        let bodies = numbered(prefix, count);
+        store.append_events("alpha", appending(0, &bodies)).await.unwrap();
+        all.extend(bodies);
+    }
+    let total = i64::try_from(all.len()).unwrap();
+    for from in -1..=total + 1 {
+        for max in 0..=all.len() + 1 {
+            let start = usize::try_from(from.clamp(0, total)).unwrap();
+            let expected = &all[start..(start + max).min(all.len())];
+            let read = store.read_events("alpha", 0, from, max).await.unwrap();
+            let read_bodies: Vec<String> =
+                read.iter().map(|e| String::from_utf8(e.data.body.clone()).unwrap()).collect();
+            assert_eq!(read_bodies, expected, "from {from}, max {max}");
+            let numbers: Vec<i64> = read.iter().map(|e| e.position.sequence_number).collect();
+            let first = i64::try_from(start).unwrap();
+            assert_eq!(numbers, (first..).take(expected.len()).collect::<Vec<_>>(), "from {from}, max {max}");
+        }
+    }
+}
+
+pub(crate) async fn sequence_at_a_time_between_two_batches_is_the_later_batch(store: Arc<dyn Store>) {
+    store.create_hub(&hub("alpha")).await.unwrap();
+    let mut batches = Vec::new();
+    for prefix in ["a", "b", "c"] {
+        batches.push(store.append_events("alpha", appending(0, &numbered(prefix, 3))).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let time = |batch: usize| batches[batch][0].enqueued_time;
+    assert!(batches.iter().all(|b| b.iter().all(|p| p.enqueued_time == b[0].enqueued_time)), "one time per batch");
+    assert!(time(0) < time(1) && time(1) < time(2));
+
+    let at = |time| store.sequence_at("alpha", 0, time);
+    assert_eq!(at(time(0) + (time(1) - time(0)) / 2).await, Ok(3), "midway between the first two");
+    assert_eq!(at(time(1) - TimeDelta::milliseconds(1)).await, Ok(3));
+    assert_eq!(at(time(1)).await, Ok(3));
+    assert_eq!(at(time(1) + TimeDelta::milliseconds(1)).await, Ok(6));
+    assert_eq!(at(time(2) + TimeDelta::milliseconds(1)).await, Ok(9), "after the last: the next");
+    let from_time = store.read_events("alpha", 0, at(time(0) + TimeDelta::milliseconds(1)).await.unwrap(), 2).await;
+    assert_eq!(from_time.unwrap().iter().map(|e| e.position).collect::<Vec<_>>(), batches[1][..2]);
+}
+
+pub(crate) async fn expiry_keeps_a_batch_whole_until_it_is_past_retention(store: Arc<dyn Store>) {
+    store.create_hub(&hub("alpha")).await.unwrap();
+    let old = store.append_events("alpha", appending(0, &numbered("a", 3))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Larger than one chunk of the embedded store, and interleaved with another partition.
+    let large: Vec<(u32, EventData)> = (0..2_000)
+        .map(|i| {
+            let mut event = telemetry(&format!("b{i}"));
+            event.body.resize(200, b'.');
+            (u32::from(i % 10 == 0), event)
+        })
+        .collect();
+    let batch = store.append_events("alpha", large).await.unwrap();
+    for partition in [0, 1] {
+        let mut times = batch.iter().filter(|p| p.partition == partition).map(|p| p.enqueued_time);
+        let first = times.next().unwrap();
+        assert!(times.all(|time| time == first), "one time per batch and partition");
+    }
+    let (earliest, latest) = (batch.iter().map(|p| p.enqueued_time).min(), batch.iter().map(|p| p.enqueued_time).max());
+    let (earliest, latest) = (earliest.unwrap(), latest.unwrap());
+    assert!(old[2].enqueued_time < earliest);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let new = store.append_events("alpha", appending(0, &numbered("c", 1))).await.unwrap();
+
+    assert_eq!(store.expire_events("alpha", earliest).await, Ok(3), "only what is older than the batch");
+    assert_eq!(store.expire_events("alpha", earliest).await, Ok(0));
+    let info = store.partition_info("alpha", 0).await.unwrap();
+    assert_eq!((info.begin_sequence_number, info.last_sequence_number), (3, 1_803));
+    assert_eq!(store.read_events("alpha", 0, 0, 3_000).await.unwrap().len(), 1_801, "the batch is whole");
+    assert_eq!(store.read_events("alpha", 1, 0, 3_000).await.unwrap().len(), 200);
+
+    assert_eq!(store.expire_events("alpha", latest + TimeDelta::milliseconds(1)).await, Ok(2_000));
+    let kept = store.read_events("alpha", 0, 0, 10).await.unwrap();
+    assert_eq!(kept.iter().map(|e| e.position).collect::<Vec<_>>(), new, "the newer batch stays");
+    assert!(store.partition_info("alpha", 1).await.unwrap().is_empty);
+}
+
+pub(crate) async fn sequence_numbers_continue_across_restarts(backend: &Backend) {
+    let first = backend.open().await;
+    first.create_hub(&hub("alpha")).await.unwrap();
+    first.append_events("alpha", appending(0, &numbered("a", 3))).await.unwrap();
+    first.append_events("alpha", appending(0, &numbered("b", 2))).await.unwrap();
+    first.append_events("alpha", appending(1, &numbered("x", 1))).await.unwrap();
+    first.close().await.unwrap();
+
+    let second = backend.open().await;
+    let next = second.append_events("alpha", appending(0, &numbered("c", 2))).await.unwrap();
+    assert_eq!(sequences(&next), [5, 6]);
+    assert_eq!(bodies(&second, "alpha", 0, 3, 4).await, ["b0", "b1", "c0", "c1"], "across the restart");
+    let expired = second.expire_events("alpha", next[1].enqueued_time + TimeDelta::milliseconds(1)).await;
+    assert_eq!(expired, Ok(8));
+    second.close().await.unwrap();
+
+    let third = backend.open().await;
+    let info = third.partition_info("alpha", 0).await.unwrap();
+    assert_eq!((info.begin_sequence_number, info.last_sequence_number, info.is_empty), (-1, 6, true));
+    assert_eq!(third.sequence_at("alpha", 0, DateTime::UNIX_EPOCH).await, Ok(7), "the counters outlive the events");
+    assert_eq!(sequences(&third.append_events("alpha", appending(0, &numbered("d", 1))).await.unwrap()), [7]);
+    assert_eq!(sequences(&third.append_events("alpha", appending(1, &numbered("y", 1))).await.unwrap()), [1]);
+    assert_eq!(third.partition_info("alpha", 0).await.unwrap().begin_sequence_number, 7);
+    third.close().await.unwrap();
+}

@@ -85,6 +85,9 @@ store_suite!(
         expiry_keeps_sequence_numbers_moving_forward,
         expiry_deletes_a_large_backlog,
         concurrent_single_event_appends_are_gap_free,
+        reads_start_and_stop_anywhere_within_and_across_batches,
+        sequence_at_a_time_between_two_batches_is_the_later_batch,
+        expiry_keeps_a_batch_whole_until_it_is_past_retention,
         events_and_checkpoints_are_per_hub,
         hub_delete_removes_its_events_and_checkpoints,
         checkpoints_are_set_and_overwritten,
@@ -100,6 +103,7 @@ store_suite!(
     harness: [
         writes_survive_close_and_reopen,
         events_twins_and_checkpoints_survive_close_and_reopen,
+        sequence_numbers_continue_across_restarts,
         corrupt_document_reads_as_corrupt,
         concurrent_opens_migrate_once,
         c2d_queues_and_feedback_survive_close_and_reopen,
