@@ -9,7 +9,11 @@
 //!
 //! `append_256_tasks` is the MQTT ingest pattern (DESIGN.md §3): 256 devices, each publishing
 //! one 256-byte QoS 1 message at a time and sending the next once the previous one is durable.
-//! Its throughput (elements/s) is messages per second.
+//! Its throughput (elements/s) is messages per second. On a shared machine it follows the
+//! disk's fsync latency more than the store's own work, so the same pattern is then run for a
+//! fixed number of messages and its CPU time per message printed (Linux, from `/proc`): the
+//! whole process's, and the embedded events log writer thread's — the one thread every
+//! message of a hub goes through.
 //!
 //! `cargo bench --bench store -- --warm-up-time 1 --measurement-time 3`
 
@@ -36,6 +40,10 @@ const CONCURRENCY: u64 = 64;
 /// Devices publishing at once in `append_256_tasks`.
 const PUBLISHERS: u64 = 256;
 const PARTITIONS: u32 = 4;
+/// Messages per publisher in the CPU measurement after `append_256_tasks`.
+const CPU_ROUNDS: u64 = 500;
+/// The events log writer's thread name as `/proc` shows it (cut to 15 bytes).
+const EVENTS_WRITER_THREAD: &str = "iothubd-events-";
 
 /// Unique device IDs across every benchmark and iteration.
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
@@ -78,6 +86,60 @@ async fn publish(store: &Arc<dyn Store>, device_id: &str) {
     store.append_events(HUB, events).await.expect("append");
 }
 
+/// `rounds` messages from each of `PUBLISHERS` devices, each sent once the previous is durable.
+async fn publish_from_all(store: &Arc<dyn Store>, rounds: u64) {
+    let publishers = (0..PUBLISHERS).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let device_id = format!("device-{i}");
+            for _ in 0..rounds {
+                publish(&store, &device_id).await;
+            }
+        })
+    });
+    for result in join_all(publishers).await {
+        result.expect("publisher");
+    }
+}
+
+/// User + system CPU seconds of this process and of its thread named `thread` (if any).
+fn cpu_seconds(thread: &str) -> Option<(f64, Option<f64>)> {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let ticks = |stat: &str| -> Option<f64> {
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        // USER_HZ, 100 on Linux.
+        Some((utime + stime) / 100.0)
+    };
+    let process = ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    let named = std::fs::read_dir("/proc/self/task").ok()?.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        (comm.trim_end() == thread).then(|| std::fs::read_to_string(task.path().join("stat")).ok()).flatten()
+    });
+    Some((process, named.as_deref().and_then(ticks)))
+}
+
+/// Prints the CPU time per message of `append_256_tasks`'s pattern (see the module doc).
+fn report_append_cpu(rt: &Runtime, store: &Arc<dyn Store>) {
+    let Some(start) = cpu_seconds(EVENTS_WRITER_THREAD) else { return };
+    let started = Instant::now();
+    rt.block_on(publish_from_all(store, CPU_ROUNDS));
+    let elapsed = started.elapsed().as_secs_f64();
+    let Some(end) = cpu_seconds(EVENTS_WRITER_THREAD) else { return };
+    let messages = (CPU_ROUNDS * PUBLISHERS) as f64;
+    let per_message = |from: f64, to: f64| (to - from) * 1e6 / messages;
+    let writer = match (start.1, end.1) {
+        (Some(from), Some(to)) => format!(", events writer thread {:.2} µs", per_message(from, to)),
+        _ => String::new(),
+    };
+    println!(
+        "store/{}/append_{PUBLISHERS}_tasks CPU per message: process {:.2} µs{writer} ({messages} messages, {:.0} msg/s)",
+        store.backend(),
+        per_message(start.0, end.0),
+        messages / elapsed,
+    );
+}
+
 fn measure_appends(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
     let mut group = c.benchmark_group(format!("store/{}", store.backend()));
     group.throughput(Throughput::Elements(1));
@@ -87,18 +149,7 @@ fn measure_appends(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
         b.to_async(rt).iter_custom(|iters| async move {
             let per_publisher = iters.div_ceil(PUBLISHERS);
             let started = Instant::now();
-            let publishers = (0..PUBLISHERS).map(|i| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let device_id = format!("device-{i}");
-                    for _ in 0..per_publisher {
-                        publish(&store, &device_id).await;
-                    }
-                })
-            });
-            for result in join_all(publishers).await {
-                result.expect("publisher");
-            }
+            publish_from_all(store, per_publisher).await;
             // Scaled back to `iters` messages: the last round may have sent a few more.
             started.elapsed().mul_f64(iters as f64 / (per_publisher * PUBLISHERS) as f64)
         })
@@ -168,6 +219,7 @@ fn measure(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn Store>) {
     });
     group.finish();
     measure_appends(c, rt, store);
+    report_append_cpu(rt, store);
     rt.block_on(store.close()).expect("close");
 }
 
