@@ -196,6 +196,11 @@ impl EventChunk {
         self.count += other.count;
     }
 
+    /// Makes room for `bytes` more bytes of packed events.
+    pub(crate) fn reserve(&mut self, bytes: usize) {
+        self.blob.reserve(bytes);
+    }
+
     /// How many events are packed.
     pub(crate) fn count(&self) -> i64 {
         self.count

@@ -335,6 +335,10 @@ impl LogState {
                     if let Some(full) = slot.take() {
                         insert_chunk(insert, hub, partition, &full)?;
                     }
+                    // Room for the parts still to come up front: grown by doubling instead, as
+                    // hundreds of one-event parts join, reallocation showed in profiles.
+                    let mut events = events;
+                    events.reserve(CHUNK_BYTES.saturating_sub(events.size()));
                     *slot = Some(OpenChunk { first_sequence, enqueued_ms, events });
                 }
             }
