@@ -87,16 +87,15 @@ impl EventLog {
             parts[part].events.push(&event)?;
         }
         let placed = self.write(|reply| LogOp::Append { hub: hub.to_owned(), parts, reply }).await?;
+        // One time conversion per part, not per event: its calendar arithmetic is not free.
+        let placed: Vec<(i64, DateTime<Utc>)> =
+            placed.into_iter().map(|p| (p.first_sequence, time_of(p.enqueued_ms))).collect();
         slots
             .into_iter()
             .map(|(partition, part, index)| {
-                let placed =
+                let &(first_sequence, enqueued_time) =
                     placed.get(part).ok_or_else(|| StoreError::Corrupt("a part of an append got no place".into()))?;
-                Ok(EventPosition {
-                    partition,
-                    sequence_number: placed.first_sequence + index,
-                    enqueued_time: time_of(placed.enqueued_ms),
-                })
+                Ok(EventPosition { partition, sequence_number: first_sequence + index, enqueued_time })
             })
             .collect()
     }
