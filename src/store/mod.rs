@@ -22,8 +22,8 @@
 //!
 //! Within a partition, enqueued times never decrease as sequence numbers grow (each backend
 //! takes the later of the clock and the partition's last enqueued time), so "first event at or
-//! after a time" is a binary search over sequence numbers in PostgreSQL, with no index on time
-//! for every append to maintain, and one seek in the embedded store's index on chunk times.
+//! after a time" is a binary search over sequence numbers (over chunks, in the embedded store)
+//! and needs no index on time.
 
 mod event_codec;
 
@@ -64,7 +64,7 @@ const EVENT_LOG_TABLES: &[&str] = &["event_partitions", "events", "event_checkpo
 /// A binary search over the retained range, which is gap-free and whose enqueued times never
 /// decrease: about 20 point lookups on the key for a million events, in one statement (so one
 /// snapshot), and no index on time for every append to maintain. PostgreSQL's `events` only:
-/// the embedded store finds a time among its chunks with an index.
+/// the embedded store searches its chunks the same way (`embedded::event_log`).
 const FIRST_ENQUEUED_AT_OR_AFTER: &str = "
     WITH RECURSIVE search (low, high) AS (
         SELECT (SELECT min(sequence_number) FROM events WHERE hub = $1 AND partition_id = $2),

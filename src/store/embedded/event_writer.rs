@@ -26,6 +26,7 @@ use iothubd_actors::store::StoreError;
 use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::event_log::first_chunk_at_or_after;
 use crate::store::event_codec::EventChunk;
 
 /// The size at which a chunk is closed (a single larger event makes a chunk of its own). Large
@@ -417,8 +418,8 @@ impl LogState {
         let partitions: Vec<u32> = self.counters.get(hub).map(|c| c.keys().copied().collect()).unwrap_or_default();
         let mut delete = db.prepare_cached(
             "DELETE FROM event_chunks WHERE rowid IN (
-                 SELECT rowid FROM event_chunks WHERE hub = ?1 AND partition_id = ?2 AND enqueued_ms < ?3
-                 ORDER BY enqueued_ms, first_sequence LIMIT ?4)
+                 SELECT rowid FROM event_chunks WHERE hub = ?1 AND partition_id = ?2 AND first_sequence < ?3
+                 ORDER BY first_sequence LIMIT ?4)
              RETURNING event_count",
         )?;
         let mut budget = EXPIRY_STEP_CHUNKS;
@@ -427,7 +428,12 @@ impl LogState {
             if budget == 0 {
                 break;
             }
-            let mut removed = delete.query(params![hub, partition, before_ms, budget])?;
+            // Everything before the first chunk that is not due, or everything.
+            let cut = match first_chunk_at_or_after(db, hub, partition, before_ms)? {
+                Ok(cut) => cut.unwrap_or(i64::MAX),
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut removed = delete.query(params![hub, partition, cut, budget])?;
             while let Some(row) = removed.next()? {
                 budget -= 1;
                 // A damaged count only misstates the total; the chunk is gone either way.
