@@ -66,7 +66,7 @@ fn bench_hub() -> HubDescription {
 
 /// A 256-byte telemetry message with the annotations the hub stamps on every D2C message.
 fn telemetry(device_id: &str) -> EventData {
-    let text = |s: &str| AnnotationValue::String(s.to_owned());
+    let text = |s: &str| AnnotationValue::String(s.into());
     EventData {
         body: vec![b'x'; 256],
         annotations: vec![

@@ -320,7 +320,7 @@ async fn self_signed_x509_device_connects_with_its_certificate() {
     for p in 0..4 {
         for e in store.read_events(&hub.name, p, 0, 10).await.unwrap() {
             for (k, v) in e.data.annotations {
-                if let ("iothub-connection-auth-method", AnnotationValue::String(v)) = (k.as_str(), v) {
+                if let ("iothub-connection-auth-method", AnnotationValue::String(v)) = (&*k, v) {
                     methods.push(serde_json::from_str::<Value>(&v).unwrap()["type"].clone());
                 }
             }

@@ -19,15 +19,18 @@ use crate::model::event::{AnnotationValue, EventData, EventPosition, partition_o
 use crate::model::identity::{AuthenticationType, Identity, IdentityKey};
 use crate::store::{Store, StoreError};
 
-/// Who sent a message, as stamped on it: fixed for the life of a session.
+/// Who sent a message, as stamped on it: fixed for the life of a session. The stamped values
+/// are shared with every message's annotations rather than copied into each.
 #[derive(Debug, Clone)]
 pub struct Sender {
     pub key: IdentityKey,
-    pub generation_id: String,
+    device_id: Arc<str>,
+    module_id: Option<Arc<str>>,
+    generation_id: Arc<str>,
     /// `iothub-connection-auth-method`, JSON text.
-    pub auth_method: String,
+    auth_method: Arc<str>,
     /// PnP model id from CONNECT (`dt-dataschema`).
-    pub model_id: Option<String>,
+    model_id: Option<Arc<str>>,
     partition: u32,
 }
 
@@ -56,13 +59,16 @@ impl Sender {
         let auth_method = serde_json::json!({
             "scope": scope, "type": kind, "issuer": "iothub", "acceptingIpFilterRule": null,
         })
-        .to_string();
+        .to_string()
+        .into();
         let partitions = hub.description().properties.event_hub_endpoints.events.partition_count;
         Self {
             key: identity.key.clone(),
-            generation_id: identity.generation_id.clone(),
+            device_id: identity.key.device_id.as_str().into(),
+            module_id: identity.key.module_id.as_deref().map(Into::into),
+            generation_id: identity.generation_id.as_str().into(),
             auth_method,
-            model_id,
+            model_id: model_id.map(Into::into),
             // Modules use their device's ID (service-api §9).
             partition: partition_of(&identity.key.device_id, partitions),
         }
@@ -76,18 +82,26 @@ impl Sender {
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let a = &mut data.annotations;
         a.reserve(7);
-        a.push(("iothub-connection-device-id".into(), AnnotationValue::String(self.key.device_id.clone())));
-        if let Some(m) = &self.key.module_id {
+        a.push(("iothub-connection-device-id".into(), AnnotationValue::String(self.device_id.clone())));
+        if let Some(m) = &self.module_id {
             a.push(("iothub-connection-module-id".into(), AnnotationValue::String(m.clone())));
         }
         a.push(("iothub-connection-auth-method".into(), AnnotationValue::String(self.auth_method.clone())));
         a.push(("iothub-connection-auth-generation-id".into(), AnnotationValue::String(self.generation_id.clone())));
         a.push(("iothub-enqueuedtime".into(), AnnotationValue::Timestamp(now)));
-        a.push(("iothub-message-source".into(), AnnotationValue::String("Telemetry".into())));
+        a.push(("iothub-message-source".into(), AnnotationValue::String(telemetry_source())));
         if let Some(model) = &self.model_id {
             a.push(("dt-dataschema".into(), AnnotationValue::String(model.clone())));
         }
     }
+}
+
+/// `Telemetry`, the `iothub-message-source` of every device message, shared per thread.
+fn telemetry_source() -> Arc<str> {
+    thread_local! {
+        static TELEMETRY: Arc<str> = Arc::from("Telemetry");
+    }
+    TELEMETRY.with(Arc::clone)
 }
 
 /// Appends telemetry to hub logs. Cheap to clone; shared by every session.

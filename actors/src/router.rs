@@ -176,12 +176,12 @@ impl Handler<SystemEvent> for RouterActor {
         }
         application_properties.extend(event.properties.into_iter().map(|(k, v)| (k, Some(v))));
         let mut annotations = vec![
-            ("iothub-connection-device-id".to_owned(), AnnotationValue::String(event.key.device_id.clone())),
-            ("iothub-enqueuedtime".to_owned(), AnnotationValue::Timestamp(now.timestamp_millis())),
-            ("iothub-message-source".to_owned(), AnnotationValue::String(event.source.message_source().to_owned())),
+            ("iothub-connection-device-id".into(), AnnotationValue::String(event.key.device_id.as_str().into())),
+            ("iothub-enqueuedtime".into(), AnnotationValue::Timestamp(now.timestamp_millis())),
+            ("iothub-message-source".into(), AnnotationValue::String(event.source.message_source().into())),
         ];
         if let Some(m) = &event.key.module_id {
-            annotations.push(("iothub-connection-module-id".to_owned(), AnnotationValue::String(m.clone())));
+            annotations.push(("iothub-connection-module-id".into(), AnnotationValue::String(m.as_str().into())));
         }
         let data = EventData {
             body: event.body.to_string().into_bytes(),

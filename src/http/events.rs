@@ -408,7 +408,7 @@ fn event_json(event: &StoredEvent) -> Value {
                     DateTime::from_timestamp_millis(*ms).map_or(json!(ms), |t| json!(iso_time(t)))
                 }
             };
-            (k.clone(), v)
+            (k.to_string(), v)
         })
         .collect();
     let mut line = json!({

@@ -131,9 +131,9 @@ pub(crate) fn decode_event(body: Vec<u8>, meta: &[u8]) -> Result<EventData, Stor
     let count = r.len()?;
     let mut annotations = Vec::with_capacity(count.min(r.rest.len() / 2));
     for _ in 0..count {
-        let key = r.string()?;
+        let key = r.string()?.into();
         let value = match r.byte()? {
-            TAG_STRING => AnnotationValue::String(r.string()?),
+            TAG_STRING => AnnotationValue::String(r.string()?.into()),
             TAG_LONG => AnnotationValue::Long(r.i64()?),
             TAG_TIMESTAMP => AnnotationValue::Timestamp(r.i64()?),
             _ => return Err(r.corrupt("bad annotation tag")),
@@ -407,7 +407,7 @@ mod tests {
             properties: MessageProperties { message_id: Some(format!("m{i}")), ..Default::default() },
             application_properties: vec![("n".into(), Some(i.to_string()))],
             annotations: vec![
-                ("iothub-connection-device-id".into(), AnnotationValue::String(format!("d{i}"))),
+                ("iothub-connection-device-id".into(), AnnotationValue::String(format!("d{i}").into())),
                 ("iothub-enqueuedtime".into(), AnnotationValue::Timestamp(1_700_000_000_000)),
             ],
         }

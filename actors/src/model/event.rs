@@ -7,13 +7,18 @@
 //! will serve: sequence numbers are `i64` from 0 per partition, offsets are decimal strings that
 //! increase, every event has an enqueued time.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The AMQP-typed value of a message annotation (service-api §9 table).
+/// The AMQP-typed value of a message annotation (service-api §9 table). Strings are shared:
+/// the hub stamps the same sender values on every message of a session, and a clone per
+/// message was an allocation each on the ingest path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AnnotationValue {
-    String(String),
+    String(Arc<str>),
     Long(i64),
     /// Milliseconds since the Unix epoch (an AMQP timestamp).
     Timestamp(i64),
@@ -40,7 +45,8 @@ pub struct EventData {
     /// Application properties in arrival order; `None` = a property sent without a value.
     pub application_properties: Vec<(String, Option<String>)>,
     /// `iothub-connection-device-id`, `iothub-enqueuedtime`, `iothub-message-source`, …
-    pub annotations: Vec<(String, AnnotationValue)>,
+    /// (names the hub stamps are static: no allocation per message).
+    pub annotations: Vec<(Cow<'static, str>, AnnotationValue)>,
 }
 
 /// Where an appended event landed.
