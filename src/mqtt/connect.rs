@@ -181,6 +181,11 @@ async fn handshake(
     };
     let description = hub.description();
     let now = unix_now();
+    // Awaited once the credentials are known to be readable (a malformed token needs no lookup).
+    let lookup = async {
+        let identity = ctx.deployment.store().get_identity(hub.name(), &key).await;
+        identity.map_err(|e| refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))
+    };
     let (identity, method, expiry) = match pkt.password.as_ref() {
         Some(password) => {
             let Ok(password) = std::str::from_utf8(password) else {
@@ -188,12 +193,7 @@ async fn handshake(
             };
             let token = SasToken::parse(password)
                 .map_err(|e| refuse(ConnectAckReason::BadUserNameOrPassword, &e.to_string()))?;
-            let identity = ctx
-                .deployment
-                .store()
-                .get_identity(hub.name(), &key)
-                .await
-                .map_err(|e| refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))?;
+            let identity = lookup.await?;
             let principal =
                 auth::authorize_identity(&description, &token, identity.as_ref(), &key, now).map_err(|e| {
                     let code = if e.connack_code() == 4 {
@@ -218,12 +218,7 @@ async fn handshake(
             let Some(chain) = certificates.filter(|c| !c.is_empty()) else {
                 return Err(refuse(ConnectAckReason::NotAuthorized, "no password and no certificate"));
             };
-            let identity = ctx
-                .deployment
-                .store()
-                .get_identity(hub.name(), &key)
-                .await
-                .map_err(|e| refuse(ConnectAckReason::ServiceUnavailable, &e.to_string()))?;
+            let identity = lookup.await?;
             let cas = &description.properties.ca_certificates;
             let kind = auth::x509::authorize_certificate(identity.as_ref(), &key, chain, cas)
                 .map_err(|e| refuse(ConnectAckReason::NotAuthorized, &e.to_string()))?;

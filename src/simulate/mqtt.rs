@@ -28,6 +28,8 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::mqtt::frame::FrameError;
+
 /// Largest frame accepted from the broker: a direct-method payload is ≤ 128 KB and a C2D
 /// message ≤ 64 KB (device-protocol §5), so 1 MiB is room to spare, not a limit in practice.
 const MAX_FRAME: usize = 1024 * 1024;
@@ -244,23 +246,13 @@ fn incoming(decoded: Decoded) -> Incoming {
     }
 }
 
-/// Length of the frame at the start of `buf` (fixed header included), once its header is in.
+/// Length of the frame at the start of `buf` (fixed header included), once its header is in:
+/// the hub's own framing (`crate::mqtt::frame`), in the simulator's error terms.
 fn frame_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
-    let mut remaining = 0usize;
-    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
-        remaining |= usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            let total = 1 + (i + 1) + remaining;
-            if total > MAX_FRAME {
-                return Err(ProtocolError::TooLarge(total));
-            }
-            return Ok(Some(total));
-        }
-    }
-    if buf.len() >= 5 {
-        return Err(ProtocolError::Malformed("the remaining length is longer than 4 bytes".into()));
-    }
-    Ok(None)
+    crate::mqtt::frame::frame_len(buf, MAX_FRAME).map_err(|e| match e {
+        FrameError::TooLarge { size, .. } => ProtocolError::TooLarge(size),
+        FrameError::Malformed(why) => ProtocolError::Malformed(why),
+    })
 }
 
 /// Packets encoded and waiting to be written together (one `write` for a burst of PUBLISHes and
@@ -359,11 +351,11 @@ mod tests {
     }
 
     #[test]
-    fn frame_length_reads_the_variable_length_header() {
-        assert_eq!(frame_len(&[0x40]).ok().flatten(), None);
+    fn frame_errors_are_the_simulators_protocol_errors() {
         assert_eq!(frame_len(&[0x40, 0x02]).ok().flatten(), Some(4));
-        assert_eq!(frame_len(&[0x30, 0xc1, 0x02]).ok().flatten(), Some(3 + 321));
-        assert!(frame_len(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+        // 2 MiB announced: over the 1 MiB the simulator takes from a broker.
+        assert!(matches!(frame_len(&[0x30, 0xff, 0xff, 0x7f]), Err(ProtocolError::TooLarge(2_097_155))));
+        assert!(matches!(frame_len(&[0xf0]), Err(ProtocolError::Malformed(_))));
     }
 
     #[test]
