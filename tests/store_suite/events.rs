@@ -168,6 +168,59 @@ pub(crate) async fn concurrent_single_event_appends_are_gap_free(store: Arc<dyn 
     assert!(read.windows(2).all(|w| w[0].position.enqueued_time <= w[1].position.enqueued_time), "time follows order");
 }
 
+/// Many callers at once, each appending several events over two partitions of one of two hubs,
+/// while others append to a hub that does not exist: every caller gets the positions of its
+/// own events (each event is read back at its position), each partition is numbered without
+/// gaps, a caller's events in one partition keep their order, and the failing appends fail
+/// alone.
+pub(crate) async fn concurrent_appends_get_their_own_positions_and_fail_alone(store: Arc<dyn Store>) {
+    store.create_hub(&hub("alpha")).await.unwrap();
+    store.create_hub(&hub("beta")).await.unwrap();
+    let results = join_all((0..60).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let hub = ["alpha", "beta", "missing"][i % 3];
+            let bodies: Vec<String> = (0..=i % 4).map(|k| format!("c{i}-e{k}")).collect();
+            let events = bodies.iter().enumerate().map(|(k, b)| (u32::from(k % 2 == 1), telemetry(b))).collect();
+            (hub, bodies, store.append_events(hub, events).await)
+        })
+    }))
+    .await;
+    let mut numbered: Vec<(&str, u32, i64)> = Vec::new();
+    for result in results {
+        let (hub, bodies, positions) = result.expect("task");
+        if hub == "missing" {
+            assert_eq!(positions, Err(StoreError::NotFound), "an append to a missing hub fails");
+            continue;
+        }
+        let positions = positions.expect("append");
+        assert_eq!(positions.len(), bodies.len());
+        for (k, (body, position)) in bodies.iter().zip(&positions).enumerate() {
+            assert_eq!(position.partition, u32::from(k % 2 == 1), "{body}: its own partition");
+            let read = bodies_at(&store, hub, position.partition, position.sequence_number).await;
+            assert_eq!(&read, body, "{body}: read back at its position");
+            numbered.push((hub, position.partition, position.sequence_number));
+        }
+        for w in positions.windows(3) {
+            assert!(w[0].sequence_number < w[2].sequence_number, "a caller's events keep their order");
+        }
+    }
+    for hub in ["alpha", "beta"] {
+        for partition in [0, 1] {
+            let mut sequences: Vec<i64> =
+                numbered.iter().filter(|n| n.0 == hub && n.1 == partition).map(|n| n.2).collect();
+            sequences.sort_unstable();
+            let expected: Vec<i64> = (0..i64::try_from(sequences.len()).unwrap()).collect();
+            assert_eq!(sequences, expected, "{hub}/{partition}: numbered from 0 without gaps");
+        }
+    }
+}
+
+/// The body of the event at `sequence_number`.
+async fn bodies_at(store: &Arc<dyn Store>, hub: &str, partition: u32, sequence_number: i64) -> String {
+    bodies(store, hub, partition, sequence_number, 1).await.pop().expect("an event at the position")
+}
+
 pub(crate) async fn events_and_checkpoints_are_per_hub(store: Arc<dyn Store>) {
     store.create_hub(&hub("alpha")).await.unwrap();
     store.create_hub(&hub("beta")).await.unwrap();

@@ -85,6 +85,7 @@ store_suite!(
         expiry_keeps_sequence_numbers_moving_forward,
         expiry_deletes_a_large_backlog,
         concurrent_single_event_appends_are_gap_free,
+        concurrent_appends_get_their_own_positions_and_fail_alone,
         reads_start_and_stop_anywhere_within_and_across_batches,
         sequence_at_a_time_between_two_batches_is_the_later_batch,
         expiry_keeps_a_batch_whole_until_it_is_past_retention,

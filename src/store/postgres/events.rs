@@ -7,16 +7,22 @@
 //! partition in one `INSERT … SELECT … FROM unnest(…)`. Appends to several partitions run in one
 //! transaction and lock the counters in partition order, so two of them cannot deadlock.
 //! Enqueued times come from the server's clock, never earlier than the partition's last one.
+//!
+//! Appends are group-committed in the process ([`Appender`]): one task commits, and every
+//! append queued while a commit runs goes into the next one, so concurrent small appends share
+//! a transaction (and a WAL flush) instead of queueing one commit each on a partition's counter
+//! row. Appends that commit together succeed or fail together.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Pool};
 use iothubd_actors::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use iothubd_actors::store::StoreError;
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::IsolationLevel;
 
-use super::{PostgresStore, column, execute, query, query_opt, store_error};
+use super::{PostgresStore, column, execute, pooled, query, query_opt, store_error};
 use crate::store::event_codec::{decode_event, encode_meta};
 use crate::store::{EXPIRY_CHUNK, FIRST_ENQUEUED_AT_OR_AFTER, millis, partition_info, time_of};
 
@@ -45,14 +51,101 @@ struct PartitionBatch {
     metas: Vec<Vec<u8>>,
 }
 
-pub(super) async fn append(
-    store: &PostgresStore,
-    hub: &str,
+/// Appends waiting for the commit task; bounded, so appenders wait when the database is slow.
+const APPEND_QUEUE: usize = 1024;
+
+/// Most events one group commit carries (an append larger than this commits alone).
+const GROUP_EVENTS: usize = 8192;
+
+/// The process's way into the events log: hands appends to the task that group-commits them.
+pub(super) struct Appender {
+    queue: mpsc::Sender<AppendJob>,
+}
+
+struct AppendJob {
+    hub: String,
     events: Vec<(u32, EventData)>,
-) -> Result<Vec<EventPosition>, StoreError> {
-    if events.is_empty() {
-        return Ok(Vec::new());
+    reply: oneshot::Sender<Result<Vec<EventPosition>, StoreError>>,
+}
+
+impl Appender {
+    /// Starts the commit task on the current tokio runtime; it ends once the store is dropped.
+    pub(super) fn start(pool: Pool) -> Self {
+        let (queue, jobs) = mpsc::channel(APPEND_QUEUE);
+        tokio::spawn(commit_appends(pool, jobs));
+        Self { queue }
     }
+
+    /// Appends `events` (partition, event) to `hub`'s log; answers each event's position once
+    /// committed.
+    pub(super) async fn append(
+        &self,
+        hub: &str,
+        events: Vec<(u32, EventData)>,
+    ) -> Result<Vec<EventPosition>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stopped = || StoreError::Unavailable("the events log appender stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(AppendJob { hub: hub.to_owned(), events, reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Commits what queued while the previous commit ran, up to [`GROUP_EVENTS`] events: one
+/// transaction per hub, the hubs' transactions at once.
+async fn commit_appends(pool: Pool, mut jobs: mpsc::Receiver<AppendJob>) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut size = first.events.len();
+        let mut by_hub: BTreeMap<String, Vec<AppendJob>> = BTreeMap::new();
+        by_hub.entry(first.hub.clone()).or_default().push(first);
+        while size < GROUP_EVENTS {
+            let Ok(job) = jobs.try_recv() else { break };
+            if size + job.events.len() > GROUP_EVENTS {
+                next = Some(job);
+                break;
+            }
+            size += job.events.len();
+            by_hub.entry(job.hub.clone()).or_default().push(job);
+        }
+        futures::future::join_all(by_hub.into_iter().map(|(hub, group)| commit_group(&pool, hub, group))).await;
+    }
+}
+
+/// One hub's queued appends in one transaction; each caller gets its own events' positions.
+async fn commit_group(pool: &Pool, hub: String, group: Vec<AppendJob>) {
+    let mut events = Vec::with_capacity(group.iter().map(|job| job.events.len()).sum());
+    let mut callers = Vec::with_capacity(group.len());
+    for job in group {
+        callers.push((job.events.len(), job.reply));
+        events.extend(job.events);
+    }
+    match append_now(pool, &hub, events).await {
+        Ok(positions) => {
+            let mut rest = positions.into_iter();
+            for (count, reply) in callers {
+                let _ = reply.send(Ok(rest.by_ref().take(count).collect()));
+            }
+        }
+        Err(e) => {
+            for (_, reply) in callers {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Appends `events` in one transaction (one statement when they are all in one partition).
+async fn append_now(pool: &Pool, hub: &str, events: Vec<(u32, EventData)>) -> Result<Vec<EventPosition>, StoreError> {
     let count = events.len();
     let mut batches: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
     for (index, (partition, event)) in events.into_iter().enumerate() {
@@ -62,7 +155,7 @@ pub(super) async fn append(
         batch.indexes.push(index);
     }
     let mut positions = vec![None; count];
-    let mut db = store.client().await?;
+    let mut db = pooled(pool).await?;
     if batches.len() <= 1 {
         // One statement is atomic by itself: no explicit transaction, one round trip.
         for (partition, batch) in batches {

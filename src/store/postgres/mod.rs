@@ -44,6 +44,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct PostgresStore {
     pool: Pool,
+    appender: events::Appender,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -61,15 +62,20 @@ impl PostgresStore {
             .build()
             .context("building the PostgreSQL connection pool")?;
         schema::migrate(&pool).await?;
-        Ok(Self { pool })
+        let appender = events::Appender::start(pool.clone());
+        Ok(Self { pool, appender })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            PoolError::Closed => StoreError::Unavailable("the store is closed".into()),
-            other => StoreError::Unavailable(describe(&other)),
-        })
+        pooled(&self.pool).await
     }
+}
+
+async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        PoolError::Closed => StoreError::Unavailable("the store is closed".into()),
+        other => StoreError::Unavailable(describe(&other)),
+    })
 }
 
 /// An error with its causes: tokio-postgres puts the server's message in the source.
@@ -366,7 +372,7 @@ impl Store for PostgresStore {
     }
 
     async fn append_events(&self, hub: &str, events: Vec<(u32, EventData)>) -> Result<Vec<EventPosition>, StoreError> {
-        events::append(self, hub, events).await
+        self.appender.append(hub, events).await
     }
 
     async fn read_events(
