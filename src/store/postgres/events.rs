@@ -14,9 +14,12 @@
 //! row. Appends that commit together succeed or fail together.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
+use futures::FutureExt as _;
+use futures::future::join_all;
 use iothubd_actors::model::event::{EventData, EventPosition, PartitionInfo, StoredEvent};
 use iothubd_actors::store::StoreError;
 use tokio::sync::{mpsc, oneshot};
@@ -86,10 +89,10 @@ impl Appender {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let stopped = || StoreError::Unavailable("the events log appender stopped".into());
         let (reply, answer) = oneshot::channel();
-        self.queue.send(AppendJob { hub: hub.to_owned(), events, reply }).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let job = AppendJob { hub: hub.to_owned(), events, reply };
+        self.queue.send(job).await.map_err(|_| StoreError::Unavailable("the events log appender stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the events log commit was abandoned".into()))?
     }
 }
 
@@ -117,7 +120,12 @@ async fn commit_appends(pool: Pool, mut jobs: mpsc::Receiver<AppendJob>) {
             size += job.events.len();
             by_hub.entry(job.hub.clone()).or_default().push(job);
         }
-        futures::future::join_all(by_hub.into_iter().map(|(hub, group)| commit_group(&pool, hub, group))).await;
+        let commits = by_hub.into_iter().map(|(hub, group)| commit_group(&pool, hub, group));
+        // A panic answers its batch's callers with `Unavailable` (their reply senders drop)
+        // instead of ending the task and, with it, every later append.
+        if AssertUnwindSafe(join_all(commits)).catch_unwind().await.is_err() {
+            tracing::error!("an events log commit panicked; its appends failed");
+        }
     }
 }
 
