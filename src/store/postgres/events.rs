@@ -65,9 +65,12 @@ pub(super) struct Appender {
     queue: mpsc::Sender<AppendJob>,
 }
 
+/// An event as the `events` table stores it: partition, body, encoded metadata.
+type EncodedEvent = (u32, Vec<u8>, Vec<u8>);
+
 struct AppendJob {
     hub: String,
-    events: Vec<(u32, EventData)>,
+    events: Vec<EncodedEvent>,
     reply: oneshot::Sender<Result<Vec<EventPosition>, StoreError>>,
 }
 
@@ -89,6 +92,14 @@ impl Appender {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        // Encoded here, on the callers' threads, so the one commit task only commits.
+        let events = events
+            .into_iter()
+            .map(|(partition, event)| {
+                let meta = encode_meta(&event);
+                (partition, event.body, meta)
+            })
+            .collect();
         let (reply, answer) = oneshot::channel();
         let job = AppendJob { hub: hub.to_owned(), events, reply };
         self.queue.send(job).await.map_err(|_| StoreError::Unavailable("the events log appender stopped".into()))?;
@@ -153,13 +164,13 @@ async fn commit_group(pool: &Pool, hub: String, group: Vec<AppendJob>) {
 }
 
 /// Appends `events` in one transaction (one statement when they are all in one partition).
-async fn append_now(pool: &Pool, hub: &str, events: Vec<(u32, EventData)>) -> Result<Vec<EventPosition>, StoreError> {
+async fn append_now(pool: &Pool, hub: &str, events: Vec<EncodedEvent>) -> Result<Vec<EventPosition>, StoreError> {
     let count = events.len();
     let mut batches: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
-    for (index, (partition, event)) in events.into_iter().enumerate() {
+    for (index, (partition, body, meta)) in events.into_iter().enumerate() {
         let batch = batches.entry(partition).or_default();
-        batch.metas.push(encode_meta(&event));
-        batch.bodies.push(event.body);
+        batch.metas.push(meta);
+        batch.bodies.push(body);
         batch.indexes.push(index);
     }
     let mut positions = vec![None; count];
