@@ -71,6 +71,7 @@ impl PostgresStore {
     }
 }
 
+/// A connection from `pool`; `Unavailable` once the pool is closed or the database unreachable.
 async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
     pool.get().await.map_err(|e| match e {
         PoolError::Closed => StoreError::Unavailable("the store is closed".into()),
