@@ -46,7 +46,7 @@ use super::header_case;
 use super::service::{ServiceCall, path_identity, path_segment};
 
 /// Largest C2D message body (device-protocol §5.4).
-pub(super) const MAX_BODY: usize = 64 * 1024;
+const MAX_BODY: usize = 64 * 1024;
 /// Lock of an HTTPS receive when the device asks for none (device-protocol §5.1).
 const DEFAULT_LOCK: Duration = Duration::from_secs(60);
 const FEEDBACK_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.feedback.json";
@@ -83,20 +83,61 @@ pub(super) fn check_bound(req: &HttpRequest, expected: &str) -> Result<(), ApiEr
 }
 
 /// Characters allowed in message and correlation ids (device-protocol §5.4).
-pub(super) fn valid_id(id: &str) -> bool {
+fn valid_id(id: &str) -> bool {
     id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-:.+%_#*?!(),=@;$'".contains(c))
 }
 
 /// Characters allowed in C2D property names and values (device-protocol §5.4).
-pub(super) fn valid_property_text(text: &str) -> bool {
+fn valid_property_text(text: &str) -> bool {
     text.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+}
+
+// The rules of a message's fields, for the single send (headers) and the batch send (JSON
+// keys) alike; `field` names the header or key in the error.
+
+pub(super) fn check_body(body: &[u8]) -> Result<(), ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(ErrorCode::MessageTooLarge, "cloud-to-device messages are at most 64 KB"));
+    }
+    Ok(())
+}
+
+pub(super) fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
+    if !valid_id(id) {
+        return Err(ApiError::invalid(format!(
+            "{field} must be at most 128 ASCII letters, digits and -:.+%_#*?!(),=@;$'"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn parse_ack(field: &str, text: &str) -> Result<FeedbackMode, ApiError> {
+    FeedbackMode::parse(text)
+        .ok_or_else(|| ApiError::invalid(format!("{field} must be none, positive, negative or full")))
+}
+
+pub(super) fn parse_expiry(field: &str, text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
+    let expiry = DateTime::parse_from_rfc3339(text)
+        .map_err(|_| ApiError::invalid(format!("{field} must be an RFC 3339 time")))?
+        .with_timezone(&Utc);
+    if expiry <= now {
+        return Err(ApiError::invalid(format!("{field} is in the past")));
+    }
+    Ok(expiry)
+}
+
+pub(super) fn check_property(name: &str, value: &str) -> Result<(), ApiError> {
+    if !valid_property_text(name) || !valid_property_text(value) {
+        return Err(ApiError::invalid(format!(
+            "application property {name}: names and values are ASCII letters, digits and !#$%&'*+-.^_`|~"
+        )));
+    }
+    Ok(())
 }
 
 /// The message a send request describes.
 fn outgoing(req: &HttpRequest, body: &[u8]) -> Result<OutgoingC2d, ApiError> {
-    if body.len() > MAX_BODY {
-        return Err(ApiError::new(ErrorCode::MessageTooLarge, "cloud-to-device messages are at most 64 KB"));
-    }
+    check_body(body)?;
     let mut message = OutgoingC2d { body: body.to_vec(), ..Default::default() };
     for (name, value) in req.headers() {
         let name = name.as_str();
@@ -108,36 +149,22 @@ fn outgoing(req: &HttpRequest, body: &[u8]) -> Result<OutgoingC2d, ApiError> {
         };
         let text = Some(value.to_owned());
         match name {
-            "iothub-messageid" | "iothub-correlationid" if !valid_id(value) => {
-                return Err(ApiError::invalid(format!(
-                    "{name} must be at most 128 ASCII letters, digits and -:.+%_#*?!(),=@;$'"
-                )));
+            "iothub-messageid" => {
+                check_id(name, value)?;
+                message.message_id = text;
             }
-            "iothub-messageid" => message.message_id = text,
-            "iothub-correlationid" => message.correlation_id = text,
+            "iothub-correlationid" => {
+                check_id(name, value)?;
+                message.correlation_id = text;
+            }
             "iothub-userid" => message.user_id = text,
             "iothub-contenttype" => message.content_type = text,
             "iothub-contentencoding" => message.content_encoding = text,
-            "iothub-ack" => {
-                message.ack = FeedbackMode::parse(value)
-                    .ok_or_else(|| ApiError::invalid("iothub-ack must be none, positive, negative or full"))?;
-            }
-            "iothub-expiry" => {
-                let expiry = DateTime::parse_from_rfc3339(value)
-                    .map_err(|_| ApiError::invalid("iothub-expiry must be an RFC 3339 time"))?
-                    .with_timezone(&Utc);
-                if expiry <= Utc::now() {
-                    return Err(ApiError::invalid("iothub-expiry is in the past"));
-                }
-                message.expiry_time = Some(expiry);
-            }
+            "iothub-ack" => message.ack = parse_ack(name, value)?,
+            "iothub-expiry" => message.expiry_time = Some(parse_expiry(name, value, Utc::now())?),
             _ => {
                 if let Some(property) = name.strip_prefix("iothub-app-") {
-                    if !valid_property_text(property) || !valid_property_text(value) {
-                        return Err(ApiError::invalid(format!(
-                            "application property {property}: names and values are ASCII letters, digits and !#$%&'*+-.^_`|~"
-                        )));
-                    }
+                    check_property(property, value)?;
                     message.properties.push((property.to_owned(), value.to_owned()));
                 }
             }

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::c2d::{MAX_BODY, actor_gone, check_bound, valid_id, valid_property_text};
+use super::c2d::{actor_gone, check_body, check_bound, check_id, check_property, parse_ack, parse_expiry};
 use super::error::{ApiError, ErrorCode};
 use super::service::ServiceCall;
 
@@ -93,43 +93,23 @@ impl BatchMessage {
             (None, None) => Vec::new(),
             (Some(_), Some(_)) => return Err(ApiError::invalid("give body or bodyBase64, not both")),
         };
-        if body.len() > MAX_BODY {
-            return Err(ApiError::new(ErrorCode::MessageTooLarge, "cloud-to-device messages are at most 64 KB"));
-        }
+        check_body(&body)?;
         for (field, id) in [("messageId", &self.message_id), ("correlationId", &self.correlation_id)] {
-            if id.as_deref().is_some_and(|id| !valid_id(id)) {
-                return Err(ApiError::invalid(format!(
-                    "{field} must be at most 128 ASCII letters, digits and -:.+%_#*?!(),=@;$'"
-                )));
+            if let Some(id) = id {
+                check_id(field, id)?;
             }
         }
         let ack = match self.ack.as_deref() {
             None => FeedbackMode::None,
-            Some(ack) => FeedbackMode::parse(ack)
-                .ok_or_else(|| ApiError::invalid("ack must be none, positive, negative or full"))?,
+            Some(ack) => parse_ack("ack", ack)?,
         };
-        let expiry_time = match self.expiry_time_utc.as_deref() {
-            None => None,
-            Some(text) => {
-                let expiry = DateTime::parse_from_rfc3339(text)
-                    .map_err(|_| ApiError::invalid("expiryTimeUtc must be an RFC 3339 time"))?
-                    .with_timezone(&Utc);
-                if expiry <= now {
-                    return Err(ApiError::invalid("expiryTimeUtc is in the past"));
-                }
-                Some(expiry)
-            }
-        };
+        let expiry_time = self.expiry_time_utc.as_deref().map(|t| parse_expiry("expiryTimeUtc", t, now)).transpose()?;
         let mut properties = Vec::with_capacity(self.properties.len());
         for (name, value) in self.properties {
             let Value::String(value) = value else {
-                return Err(ApiError::invalid(format!("property {name}: values are strings")));
+                return Err(ApiError::invalid(format!("application property {name}: values are strings")));
             };
-            if !valid_property_text(&name) || !valid_property_text(&value) {
-                return Err(ApiError::invalid(format!(
-                    "property {name}: names and values are ASCII letters, digits and !#$%&'*+-.^_`|~"
-                )));
-            }
+            check_property(&name, &value)?;
             properties.push((name, value));
         }
         Ok(OutgoingC2d {
