@@ -48,41 +48,6 @@ use crate::config::{Config, StoreBackend};
 /// another one must come before it.
 const HUB_SCOPED_TABLES: &[&str] = &["c2d_messages", "feedback", "feedback_counters", "identities"];
 
-/// The tables of a hub's events log in PostgreSQL, emptied with the hub like
-/// [`HUB_SCOPED_TABLES`]. (The embedded store keeps its log, in a layout of its own, in a file
-/// of its own: `embedded::event_writer`.)
-///
-/// `event_partitions` comes first: in PostgreSQL, deleting its rows waits for the appends that
-/// hold them locked, so the `events` delete that follows sees their rows, and later appends
-/// find the hub gone.
-const EVENT_LOG_TABLES: &[&str] = &["event_partitions", "events", "event_checkpoints"];
-
-/// For a partition (`$1` hub, `$2` partition), the first retained sequence number enqueued at
-/// or after `$3` (ms): the last retained one + 1 when every retained event is older; no row
-/// when none is retained.
-///
-/// A binary search over the retained range, which is gap-free and whose enqueued times never
-/// decrease: about 20 point lookups on the key for a million events, in one statement (so one
-/// snapshot), and no index on time for every append to maintain. PostgreSQL's `events` only:
-/// the embedded store searches its chunks the same way (`embedded::event_log`).
-const FIRST_ENQUEUED_AT_OR_AFTER: &str = "
-    WITH RECURSIVE search (low, high) AS (
-        SELECT (SELECT min(sequence_number) FROM events WHERE hub = $1 AND partition_id = $2),
-               (SELECT max(sequence_number) FROM events WHERE hub = $1 AND partition_id = $2) + 1
-        UNION ALL
-        SELECT CASE WHEN e.enqueued_ms >= $3 THEN s.low ELSE e.sequence_number + 1 END,
-               CASE WHEN e.enqueued_ms >= $3 THEN e.sequence_number ELSE s.high END
-        FROM search s
-        JOIN events e
-          ON e.hub = $1 AND e.partition_id = $2 AND e.sequence_number = s.low + (s.high - s.low) / 2
-        WHERE s.low < s.high
-    )
-    SELECT low FROM search WHERE low = high";
-
-/// Events removed by one retention statement in PostgreSQL: expiry of a large backlog proceeds
-/// in steps, so appends keep flowing between them instead of waiting behind one huge delete.
-const EXPIRY_CHUNK: i64 = 4096;
-
 /// Opens the backend `store.backend` names, creating or migrating its schema.
 pub async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> = match cfg.store.backend {

@@ -33,10 +33,17 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{
-    EVENT_LOG_TABLES, HUB_SCOPED_TABLES, decode, encode, missing_or_stale, module_column, statistics, twin_version,
-};
+use super::{HUB_SCOPED_TABLES, decode, encode, missing_or_stale, module_column, statistics, twin_version};
 use crate::config::StoreConfig;
+
+/// The tables of a hub's events log in PostgreSQL, emptied with the hub like
+/// [`HUB_SCOPED_TABLES`]. (The embedded store keeps its log, in a layout of its own, in a file
+/// of its own: `embedded::event_writer`.)
+///
+/// `event_partitions` comes first: in PostgreSQL, deleting its rows waits for the appends that
+/// hold them locked, so the `events` delete that follows sees their rows, and later appends
+/// find the hub gone.
+const EVENT_LOG_TABLES: &[&str] = &["event_partitions", "events", "event_checkpoints"];
 
 /// How long opening a connection may take before the request fails with `Unavailable`, rather
 /// than hanging while the database is unreachable.
